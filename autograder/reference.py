@@ -1,0 +1,401 @@
+"""Reference implementations of everything the notebooks grade.
+
+The solution notebooks implement the same objects; the checks compare a student's object with
+these, and the benchmarks and demo use them. Shapes follow the course's notation:
+``B`` batch, ``T`` real tokens, ``P`` prefix / prompt length, ``L`` layers, ``H`` key/value heads
+(``num_key_value_heads`` under grouped-query attention), ``D`` head dim, ``d`` hidden size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+from course.compat import cache_keyword, kv_geometry, make_cache
+
+IGNORE_INDEX = -100
+
+__all__ = [
+    "DeepPrompt",
+    "PrefixEncoder",
+    "SoftPrompt",
+    "build_prefix_cache",
+    "count_trainable",
+    "deep_prompt_forward",
+    "freeze_backbone",
+    "generate_with_prefix",
+    "load_prompt",
+    "prefix_forward",
+    "prefix_from_peft_weights",
+    "prefix_to_peft_weights",
+    "prepend_prompt",
+    "prompt_forward",
+    "save_prompt",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Freezing and counting
+# ---------------------------------------------------------------------------------------------
+def freeze_backbone(model: nn.Module) -> nn.Module:
+    """Set ``requires_grad=False`` on every parameter of ``model``; returns ``model``."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def count_trainable(module: nn.Module) -> int:
+    """Number of scalar parameters of ``module`` that require grad."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt tuning (Lester et al. 2021): trainable vectors prepended to the input embeddings only
+# ---------------------------------------------------------------------------------------------
+class SoftPrompt(nn.Module):
+    """``n_tokens`` trainable input embeddings.
+
+    Args:
+        n_tokens: prompt length ``P``.
+        embedding: the backbone's input embedding (``model.get_input_embeddings()``), read only to
+            size and initialise the prompt; it is not stored.
+        init: ``"random"`` (normal at the std of the real embedding rows), ``"vocab"`` (copies of
+            randomly sampled rows), or ``"text"`` (the rows of ``init_ids``, cycled to ``P``).
+        init_ids: token ids for ``init="text"``.
+        seed: seeds the random and vocab initialisations.
+    """
+
+    def __init__(
+        self,
+        n_tokens: int,
+        embedding: nn.Embedding,
+        init: str = "random",
+        init_ids: list[int] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if n_tokens < 1:
+            raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
+        table = embedding.weight.detach()
+        gen = torch.Generator().manual_seed(seed)
+        if init == "random":
+            std = table.float().std().item()
+            values = torch.randn(n_tokens, table.shape[1], generator=gen) * std
+        elif init == "vocab":
+            ids = torch.randint(0, table.shape[0], (n_tokens,), generator=gen)
+            values = table[ids].float().cpu().clone()
+        elif init == "text":
+            if not init_ids:
+                raise ValueError('init="text" needs init_ids (the token ids of the text)')
+            ids = torch.tensor([init_ids[i % len(init_ids)] for i in range(n_tokens)])
+            values = table[ids].float().cpu().clone()
+        else:
+            raise ValueError(f'init must be "random", "vocab" or "text", got {init!r}')
+        self.weight = nn.Parameter(values.to(device=table.device, dtype=table.dtype))
+
+    @property
+    def n_tokens(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        """The prompt repeated for the batch: ``(batch_size, P, d)``."""
+        return self.weight.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+def prepend_prompt(
+    model: PreTrainedModel,
+    prompt: SoftPrompt,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Model inputs with the soft prompt in front of the token embeddings.
+
+    Returns ``inputs_embeds (B, P+T, d)``, ``attention_mask (B, P+T)`` (ones over the prompt) and,
+    when ``labels (B, T)`` is given, ``labels (B, P+T)`` with ``-100`` over the prompt.
+    """
+    embeds = model.get_input_embeddings()(input_ids)
+    batch = input_ids.shape[0]
+    soft = prompt(batch).to(embeds.dtype)
+    n = soft.shape[1]
+    out = {
+        "inputs_embeds": torch.cat([soft, embeds], dim=1),
+        "attention_mask": torch.cat(
+            [attention_mask.new_ones(batch, n), attention_mask], dim=1
+        ),
+    }
+    if labels is not None:
+        out["labels"] = torch.cat([labels.new_full((batch, n), IGNORE_INDEX), labels], dim=1)
+    return out
+
+
+def prompt_forward(model, prompt, input_ids, attention_mask, labels=None):
+    """Forward pass with a soft prompt; ``logits`` cover ``P+T`` positions."""
+    return model(**prepend_prompt(model, prompt, input_ids, attention_mask, labels))
+
+
+def save_prompt(prompt: SoftPrompt, path: str | Path) -> Path:
+    """Save only the prompt vectors (a few KB) to ``path``."""
+    path = Path(path)
+    torch.save({"weight": prompt.weight.detach().cpu(), "kind": "soft_prompt"}, path)
+    return path
+
+
+def load_prompt(path: str | Path, embedding: nn.Embedding) -> SoftPrompt:
+    """Load a prompt saved by :func:`save_prompt` onto ``embedding``'s device and dtype."""
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if state.get("kind") != "soft_prompt":
+        raise ValueError(f"{path} does not hold a soft prompt saved by save_prompt")
+    weight = state["weight"]
+    if weight.shape[1] != embedding.weight.shape[1]:
+        raise ValueError(
+            f"prompt width {weight.shape[1]} != model hidden size {embedding.weight.shape[1]}"
+        )
+    prompt = SoftPrompt(weight.shape[0], embedding)
+    with torch.no_grad():
+        prompt.weight.copy_(weight)
+    return prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# Deep prefix tuning (Li & Liang 2021; P-tuning v2): trainable keys/values at every layer
+# ---------------------------------------------------------------------------------------------
+class PrefixEncoder(nn.Module):
+    """Per-layer key/value prefixes, optionally reparameterised by an MLP.
+
+    Args:
+        config: the backbone's config (GPT-2 or Llama family; GQA uses ``num_key_value_heads``).
+        prefix_len: ``P``.
+        reparam: when True, ``P`` embeddings of size ``d`` pass through
+            ``Linear(d, hidden) -> Tanh -> Linear(hidden, L*2*H*D)`` (Li & Liang 2021); call
+            :meth:`export` after training to get the plain prefix and drop the MLP.
+        hidden: width of the reparameterisation MLP.
+        init_std: std of the random initialisation of the direct prefix / the MLP input.
+        seed: seeds the initialisation.
+    """
+
+    def __init__(
+        self,
+        config,
+        prefix_len: int,
+        reparam: bool = False,
+        hidden: int = 512,
+        init_std: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if prefix_len < 1:
+            raise ValueError(f"prefix_len must be >= 1, got {prefix_len}")
+        g = kv_geometry(config)
+        self.n_layers, self.n_kv_heads, self.head_dim = g["n_layers"], g["n_kv_heads"], g["head_dim"]
+        self.prefix_len = prefix_len
+        self.reparam = reparam
+        gen = torch.Generator().manual_seed(seed)
+        shape = (self.n_layers, 2, self.n_kv_heads, prefix_len, self.head_dim)
+        if reparam:
+            d = g["hidden_size"]
+            self.embedding = nn.Parameter(torch.randn(prefix_len, d, generator=gen) * init_std)
+            self.mlp = nn.Sequential(
+                nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, self.n_layers * 2 * d_kv(g))
+            )
+        else:
+            self.prefix = nn.Parameter(torch.randn(*shape, generator=gen) * init_std)
+
+    def forward(self) -> torch.Tensor:
+        """The prefix keys and values: ``(L, 2, H, P, D)`` (index 0 = keys, 1 = values)."""
+        if not self.reparam:
+            return self.prefix
+        flat = self.mlp(self.embedding)  # (P, L*2*H*D)
+        out = flat.view(self.prefix_len, self.n_layers, 2, self.n_kv_heads, self.head_dim)
+        return out.permute(1, 2, 3, 0, 4)
+
+    @torch.no_grad()
+    def export(self) -> PrefixEncoder:
+        """A direct (MLP-free) encoder holding this encoder's current prefix values."""
+        plain = PrefixEncoder.__new__(PrefixEncoder)
+        nn.Module.__init__(plain)
+        plain.n_layers, plain.n_kv_heads, plain.head_dim = (
+            self.n_layers,
+            self.n_kv_heads,
+            self.head_dim,
+        )
+        plain.prefix_len, plain.reparam = self.prefix_len, False
+        plain.prefix = nn.Parameter(self().detach().clone())
+        return plain
+
+
+def d_kv(geometry: dict[str, int]) -> int:
+    """Width of one layer's keys (or values): ``H * D``."""
+    return geometry["n_kv_heads"] * geometry["head_dim"]
+
+
+def build_prefix_cache(prefix: torch.Tensor, batch_size: int, dtype: torch.dtype) -> DynamicCache:
+    """A FRESH cache holding the prefix at every layer.
+
+    Args:
+        prefix: ``(L, 2, H, P, D)``.
+        batch_size: ``B``; each layer gets keys and values of shape ``(B, H, P, D)``.
+        dtype: the model's dtype (an fp32 prefix into a bf16 model fails in SDPA).
+    """
+    layers = []
+    for layer in prefix.to(dtype):
+        key = layer[0].unsqueeze(0).expand(batch_size, -1, -1, -1)
+        value = layer[1].unsqueeze(0).expand(batch_size, -1, -1, -1)
+        layers.append((key, value))
+    return make_cache(layers)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return model.get_input_embeddings().weight.dtype
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    cfg = model.config
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+
+def prefix_forward(
+    model: PreTrainedModel,
+    encoder: PrefixEncoder,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor | None = None,
+):
+    """Forward pass with the prefix at every layer.
+
+    The mask is extended by ``P`` ones in front and the real tokens take positions
+    ``P .. P+T-1`` (as transformers and PEFT do); ``logits`` cover the ``T`` real tokens.
+    """
+    batch, length = input_ids.shape
+    p = encoder.prefix_len
+    limit = _max_positions(model)
+    if limit is not None and p + length > limit:
+        raise ValueError(
+            f"prefix ({p}) + tokens ({length}) = {p + length} exceeds the model's "
+            f"{limit} positions: shorten the input or the prefix"
+        )
+    mask = torch.cat([attention_mask.new_ones(batch, p), attention_mask], dim=1)
+    positions = torch.arange(p, p + length, device=input_ids.device).unsqueeze(0).expand(batch, -1)
+    cache = build_prefix_cache(encoder(), batch, _model_dtype(model))
+    kwargs = {cache_keyword(model): cache}
+    return model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        labels=labels,
+        use_cache=False,
+        **kwargs,
+    )
+
+
+@torch.no_grad()
+def generate_with_prefix(
+    model: PreTrainedModel,
+    encoder: PrefixEncoder,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int = 20,
+    **generate_kwargs,
+) -> torch.Tensor:
+    """Greedy ``model.generate`` conditioned on the prefix; returns only the new tokens
+    ``(B, <= max_new_tokens)``. Prompts in a batch must be left-padded."""
+    batch = input_ids.shape[0]
+    mask = torch.cat([attention_mask.new_ones(batch, encoder.prefix_len), attention_mask], dim=1)
+    cache = build_prefix_cache(encoder(), batch, _model_dtype(model))
+    generate_kwargs.setdefault("do_sample", False)
+    generate_kwargs.setdefault("pad_token_id", model.config.eos_token_id)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        **{cache_keyword(model): cache},
+        **generate_kwargs,
+    )
+    return out[:, input_ids.shape[1] :]
+
+
+def prefix_to_peft_weights(prefix: torch.Tensor) -> torch.Tensor:
+    """Our ``(L, 2, H, P, D)`` prefix as PEFT PrefixTuning's embedding ``(P, L*2*H*D)``."""
+    n_layers, two, heads, p, dim = prefix.shape
+    return prefix.permute(3, 0, 1, 2, 4).reshape(p, n_layers * two * heads * dim)
+
+
+def prefix_from_peft_weights(weight: torch.Tensor, config) -> torch.Tensor:
+    """PEFT PrefixTuning's ``(P, L*2*H*D)`` embedding as our ``(L, 2, H, P, D)`` prefix."""
+    g = kv_geometry(config)
+    p = weight.shape[0]
+    view = weight.view(p, g["n_layers"], 2, g["n_kv_heads"], g["head_dim"])
+    return view.permute(1, 2, 3, 0, 4).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# The literal "prepend to the hidden states at every layer" form (VPT-deep style)
+# ---------------------------------------------------------------------------------------------
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for name in ("h", "layers"):
+        layers = getattr(base, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise TypeError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+class DeepPrompt(nn.Module):
+    """``P`` trainable hidden-state vectors for each of the ``L`` layers: ``(L, P, d)``.
+
+    Layer 0 receives them as input embeddings (like a soft prompt); before every later layer, the
+    hidden states at the ``P`` prompt positions (the previous layer's outputs there) are REPLACED
+    by that layer's own vectors. Unlike a key/value prefix the vectors are also queries and pass
+    through each layer's frozen projections and MLP.
+    """
+
+    def __init__(self, config, prompt_len: int, init_std: float = 0.02, seed: int = 0) -> None:
+        super().__init__()
+        g = kv_geometry(config)
+        gen = torch.Generator().manual_seed(seed)
+        self.prompt_len = prompt_len
+        self.weight = nn.Parameter(
+            torch.randn(g["n_layers"], prompt_len, g["hidden_size"], generator=gen) * init_std
+        )
+
+
+def deep_prompt_forward(model, deep: DeepPrompt, input_ids, attention_mask, labels=None):
+    """Forward pass with a :class:`DeepPrompt`; hooks are removed afterwards.
+
+    ``logits`` cover ``P+T`` positions; ``labels (B, T)`` are extended with ``-100``.
+    """
+    p = deep.prompt_len
+    batch = input_ids.shape[0]
+    embeds = model.get_input_embeddings()(input_ids)
+    first = deep.weight[0].to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+    inputs = {
+        "inputs_embeds": torch.cat([first, embeds], dim=1),
+        "attention_mask": torch.cat([attention_mask.new_ones(batch, p), attention_mask], dim=1),
+    }
+    if labels is not None:
+        inputs["labels"] = torch.cat([labels.new_full((batch, p), IGNORE_INDEX), labels], dim=1)
+
+    def make_hook(layer_idx: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            vec = deep.weight[layer_idx].to(hidden.dtype).unsqueeze(0).expand(batch, -1, -1)
+            hidden = torch.cat([vec, hidden[:, p:]], dim=1)
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        return hook
+
+    handles = [
+        layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
+        for i, layer in enumerate(_decoder_layers(model))
+        if i > 0
+    ]
+    try:
+        return model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
