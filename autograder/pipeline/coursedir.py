@@ -1,0 +1,152 @@
+"""Where the course's folders are, how its nbgrader config is loaded, and the grading environment.
+
+A course root holds ``nbgrader_config.py``, ``solutions/NN_name/NN_name.ipynb`` (instructor
+sources) and ``notebooks/NN_name/`` (student releases). nbgrader itself only reads the config
+from the current directory; here it is loaded explicitly, so every command works from anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from traitlets.config import Config
+from traitlets.config.loader import PyFileConfigLoader
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+"""The repository that holds the ``course`` and ``autograder`` packages grading kernels import."""
+
+ARTIFACT_PATTERNS = ("*.pt", "*.pth", "*.safetensors", "*.bin")
+"""Files a notebook run saves (trained prompts, prefixes): never released, never overwritten."""
+
+CONFIG_NAME = "nbgrader_config.py"
+
+
+class CourseError(Exception):
+    """A problem with the course layout or the command line, worded for the instructor."""
+
+
+def is_artifact(path: Path) -> bool:
+    """Whether ``path`` is a saved training artifact (see :data:`ARTIFACT_PATTERNS`)."""
+    return any(path.match(pattern) for pattern in ARTIFACT_PATTERNS)
+
+
+@dataclass(frozen=True)
+class Course:
+    """A course root and the folders nbgrader uses under it."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | os.PathLike[str]) -> Course:
+        """The course at ``root``; raises :class:`CourseError` if it is not one."""
+        path = Path(root).resolve()
+        if not path.is_dir():
+            raise CourseError(f"course root {path} does not exist")
+        if not (path / CONFIG_NAME).is_file():
+            raise CourseError(f"{path} has no {CONFIG_NAME}: is it the course root?")
+        if not (path / "solutions").is_dir():
+            raise CourseError(f"{path} has no solutions/ folder")
+        return cls(path)
+
+    @property
+    def solutions(self) -> Path:
+        """Instructor source notebooks, one folder per assignment."""
+        return self.root / "solutions"
+
+    @property
+    def notebooks(self) -> Path:
+        """Generated student notebooks, one folder per assignment."""
+        return self.root / "notebooks"
+
+    @property
+    def state(self) -> Path:
+        """Git-ignored working folder: the gradebook and scratch space."""
+        return self.root / ".nbgrader"
+
+    @property
+    def submitted(self) -> Path:
+        """nbgrader's ``submitted/<student>/<assignment>/`` folder."""
+        return self.root / "submitted"
+
+    @property
+    def autograded(self) -> Path:
+        """nbgrader's ``autograded/<student>/<assignment>/`` folder."""
+        return self.root / "autograded"
+
+    @property
+    def feedback(self) -> Path:
+        """nbgrader's ``feedback/<student>/<assignment>/`` folder."""
+        return self.root / "feedback"
+
+    def assignments(self) -> list[str]:
+        """Assignment ids: the folders of ``solutions/`` that contain a notebook, sorted."""
+        return sorted(
+            d.name
+            for d in self.solutions.iterdir()
+            if d.is_dir() and not d.name.startswith(".") and any(d.glob("*.ipynb"))
+        )
+
+    def resolve(self, selected: Sequence[str] | None) -> list[str]:
+        """Full assignment ids for ``selected`` (``"01"`` or ``"01_prompt_tuning"``); all if None."""
+        known = self.assignments()
+        if not known:
+            raise CourseError(f"no assignments: {self.solutions} has no NN_name/NN_name.ipynb")
+        if not selected:
+            return known
+        resolved = []
+        for name in selected:
+            matches = [a for a in known if a == name or a.split("_", 1)[0] == name]
+            if len(matches) != 1:
+                raise CourseError(f"unknown assignment {name!r}; known: {', '.join(known)}")
+            resolved.append(matches[0])
+        return resolved
+
+    def source_notebooks(self, assignment: str) -> list[Path]:
+        """The instructor notebooks of ``assignment``, sorted."""
+        return sorted((self.solutions / assignment).glob("*.ipynb"))
+
+    def config(self) -> Config:
+        """The course's ``nbgrader_config.py``, with the root and gradebook pinned to this course."""
+        config = PyFileConfigLoader(CONFIG_NAME, path=str(self.root)).load_config()
+        config.CourseDirectory.root = str(self.root)
+        self.state.mkdir(exist_ok=True)
+        config.CourseDirectory.db_url = f"sqlite:///{self.state / 'gradebook.db'}?timeout=60"
+        config.NbGraderAPI.log_level = logging.WARNING
+        return config
+
+
+def prepare_environment(course: Course) -> None:
+    """Set up this process so nbgrader and its grading kernels work from any directory.
+
+    ``alembic`` (needed when a gradebook is created) sits next to this Python; kernels must
+    import ``course`` and ``autograder`` from this repository; warnings and progress bars
+    would write to stderr, which zeroes a passing test cell.
+    """
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    if bin_dir not in path:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *path])
+    python_path = [str(REPO_ROOT), str(course.root)]
+    python_path += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(python_path))
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    os.environ["PYTHONWARNINGS"] = "ignore"
+    os.environ["TQDM_DISABLE"] = "1"
+
+
+@contextlib.contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    """Run the body with ``path`` as the current directory (nbgrader resolves paths from it)."""
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)

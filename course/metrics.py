@@ -1,0 +1,204 @@
+"""Task metrics: slot accuracy and corpus BLEU for data-to-text, accuracy for the others.
+
+All scores are percentages in ``[0, 100]``.
+
+Slot matching rules (case-insensitive regular expressions, see :data:`SLOT_PATTERNS`):
+
+* ``name``: the name occurs in the text.
+* ``near``: the landmark occurs right after a proximity phrase ("near", "close to", "next to",
+  "not far from", "by", "beside"), so a landmark mentioned as the subject does not count.
+* closed attributes (``eatType``, ``food``, ``priceRange``, ``customer rating``, ``area``,
+  ``familyFriendly``): one of the value's phrasings occurs, e.g. priceRange ``high`` is
+  "expensive", "high price(s/ range)", "high-priced" or "prices are high"; customer rating
+  ``high`` is "high (customer) rating", "highly rated", "rated highly", "rate it highly";
+  familyFriendly ``no`` is "not family-friendly", "not kid friendly", "adults only", ... and
+  ``yes`` is a family/kid/child-friendly phrase that is not negated.
+* For every closed attribute except ``eatType``, a slot whose text *also* realises another value
+  of the same attribute (e.g. "French and Italian food", "cheap ... expensive") is wrong.
+  ``eatType`` has no such check because "restaurant" is also used as a generic noun.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+__all__ = [
+    "SLOT_PATTERNS",
+    "accuracy",
+    "answer_accuracy",
+    "corpus_bleu",
+    "first_word",
+    "normalise_answer",
+    "slot_accuracy",
+    "slot_matches",
+    "tokenize_bleu",
+]
+
+_RATING_OF = r"(?:customer )?rating"
+
+SLOT_PATTERNS: dict[str, dict[str, str]] = {
+    "eatType": {
+        "restaurant": r"\brestaurant\b",
+        "coffee shop": r"\bcoffee ?shop\b",
+        "pub": r"\bpub\b",
+    },
+    "food": {
+        food: rf"\b{food}\b"
+        for food in ("French", "Italian", "Chinese", "Indian", "Japanese", "English", "fast food")
+    },
+    "priceRange": {
+        "cheap": r"\bcheap|\binexpensive\b|\blow[- ]price|\bprices? (?:are|is) low|price range is low",
+        "moderate": r"\bmoderate",
+        "high": r"\bexpensive\b|\bhigh[- ]price|\bprices? (?:are|is) high|price range is high",
+        "less than £20": r"less than £20|under £20|below £20",
+        "£20-25": r"£20 ?(?:-|–|to) ?£?25\b|between £20 and £25",
+        "more than £30": r"more than £30|over £30|above £30",
+    },
+    "customer rating": {
+        "low": rf"\blow {_RATING_OF}|\brated low|\bpoorly rated|\brate it low|rating is low",
+        "average": rf"\baverage {_RATING_OF}|\brated average|\brate it average|rating is average",
+        "high": rf"\bhigh {_RATING_OF}|\bhighly rated|\brated highly|\brate it highly|rating is high",
+        "1 out of 5": r"\b1 out of 5\b",
+        "3 out of 5": r"\b3 out of 5\b",
+        "5 out of 5": r"\b5 out of 5\b",
+    },
+    "area": {
+        "riverside": r"\briverside\b|\b(?:by|near|on) the river\b",
+        "city centre": r"\bcity cent(?:re|er)\b|\bcent(?:re|er) of (?:the )?(?:city|town)\b",
+    },
+    "familyFriendly": {
+        "yes": r"(?<!not )(?<!n't )\b(?:family|kid|child)[- ]friendly"
+        r"|\bwelcomes? (?:families|children|kids)|\bchildren are welcome",
+        "no": r"\bnot (?:family|kid|child)[- ]friendly|n't (?:family|kid|child)[- ]friendly"
+        r"|\badults only|\bno (?:children|kids)\b|\bnot (?:welcome|allow) (?:children|kids)",
+    },
+}
+"""attribute -> value -> regular expression (matched case-insensitively) that realises it."""
+
+_COMPILED = {
+    attr: {value: re.compile(p, re.IGNORECASE) for value, p in table.items()}
+    for attr, table in SLOT_PATTERNS.items()
+}
+_NO_CONFLICT_CHECK = frozenset({"eatType"})
+_PROXIMITY = r"(?:near|close to|next to|not far from|by|beside)\s+"
+
+
+def slot_matches(text: str, record: Mapping[str, str]) -> dict[str, bool]:
+    """For each attribute of ``record``, whether ``text`` realises its value correctly.
+
+    Raises ``ValueError`` for an attribute or closed value the rules do not know.
+    """
+    result = {}
+    for attr, value in record.items():
+        if attr == "name":
+            ok = re.search(rf"(?<!\w){re.escape(value)}(?!\w)", text, re.IGNORECASE) is not None
+        elif attr == "near":
+            pattern = rf"\b{_PROXIMITY}{re.escape(value)}(?!\w)"
+            ok = re.search(pattern, text, re.IGNORECASE) is not None
+        elif attr in _COMPILED:
+            table = _COMPILED[attr]
+            if value not in table:
+                raise ValueError(f"no slot rule for {attr}[{value}]: known {sorted(table)}")
+            ok = table[value].search(text) is not None
+            if ok and attr not in _NO_CONFLICT_CHECK:
+                ok = not any(p.search(text) for v, p in table.items() if v != value)
+        else:
+            raise ValueError(f"unknown attribute {attr!r}: known name, near, {sorted(_COMPILED)}")
+        result[attr] = ok
+    return result
+
+
+def slot_accuracy(predictions: Sequence[str], records: Sequence[Mapping[str, str]]) -> float:
+    """Percentage of all attributes, over all records, whose value the prediction realises."""
+    _check_lengths(predictions, records)
+    total = correct = 0
+    for text, record in zip(predictions, records, strict=True):
+        matches = slot_matches(text, record)
+        total += len(matches)
+        correct += sum(matches.values())
+    return 100.0 * correct / total if total else 0.0
+
+
+def tokenize_bleu(text: str) -> list[str]:
+    """Split on whitespace and punctuation, like sacreBLEU's 13a (every symbol its own token)."""
+    return re.findall(r"\w+|[^\w\s]", text)
+
+
+def _ngrams(tokens: list[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def corpus_bleu(
+    hypotheses: Sequence[str], references: Sequence[Sequence[str]], max_order: int = 4
+) -> float:
+    """Corpus-level BLEU (Papineni et al. 2002) in ``[0, 100]``, sacreBLEU-style, no smoothing.
+
+    ``references[i]`` holds one or more references for ``hypotheses[i]``. N-gram matches are
+    clipped by the maximum count in any one reference; the brevity penalty uses, per sentence, the
+    reference length closest to the hypothesis length (the shorter one on a tie). Returns 0 when
+    any n-gram order has no match.
+    """
+    _check_lengths(hypotheses, references)
+    matches = [0] * max_order
+    totals = [0] * max_order
+    hyp_len = ref_len = 0
+    for hyp, refs in zip(hypotheses, references, strict=True):
+        if len(refs) == 0:
+            raise ValueError("every hypothesis needs at least one reference")
+        h = tokenize_bleu(hyp)
+        rs = [tokenize_bleu(r) for r in refs]
+        hyp_len += len(h)
+        ref_len += min((abs(len(r) - len(h)), len(r)) for r in rs)[1]
+        for n in range(1, max_order + 1):
+            counts = _ngrams(h, n)
+            best: Counter = Counter()
+            for r in rs:
+                best |= _ngrams(r, n)
+            matches[n - 1] += sum(min(c, best[g]) for g, c in counts.items())
+            totals[n - 1] += max(len(h) - n + 1, 0)
+    if hyp_len == 0 or min(matches) == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals, strict=True)) / max_order
+    brevity = 1.0 if hyp_len > ref_len else math.exp(1.0 - ref_len / hyp_len)
+    return 100.0 * brevity * math.exp(log_precision)
+
+
+def first_word(text: str) -> str:
+    """The first word of ``text``, lower-cased, without surrounding punctuation ('' if none)."""
+    words = re.findall(r"[\w£'-]+", text.lower())
+    return words[0] if words else ""
+
+
+def accuracy(predictions: Sequence[str], targets: Sequence[str]) -> float:
+    """Percentage of predictions whose first word is the target's first word (verbalizer tasks)."""
+    _check_lengths(predictions, targets)
+    if not targets:
+        return 0.0
+    hits = sum(first_word(p) == first_word(t) for p, t in zip(predictions, targets, strict=True))
+    return 100.0 * hits / len(targets)
+
+
+def normalise_answer(text: str) -> str:
+    """The first line, lower-cased, without a leading "the", outer punctuation, extra spaces."""
+    lines = text.strip().splitlines()
+    text = " ".join(lines[0].lower().split()) if lines else ""
+    text = text.strip(" .,;:!?\"'")
+    return re.sub(r"^the\s+", "", text)
+
+
+def answer_accuracy(predictions: Sequence[str], answers: Sequence[str]) -> float:
+    """Percentage of predictions equal to the answer after :func:`normalise_answer`."""
+    _check_lengths(predictions, answers)
+    if not answers:
+        return 0.0
+    pairs = zip(predictions, answers, strict=True)
+    hits = sum(normalise_answer(p) == normalise_answer(a) for p, a in pairs)
+    return 100.0 * hits / len(answers)
+
+
+def _check_lengths(a: Sequence, b: Sequence) -> None:
+    if len(a) != len(b):
+        raise ValueError(f"got {len(a)} predictions for {len(b)} examples")

@@ -1,0 +1,82 @@
+"""nbgrader configuration for the Soft Prompts Course; the course root is the folder of this file.
+
+nbgrader reads this file only from the current directory: run ``nbgrader ...`` from here, or use
+``python -m autograder ...`` (it loads this file explicitly and works from any directory).
+
+- ``solutions/NN_name/`` are the instructor sources, ``notebooks/NN_name/`` the student releases.
+- The gradebook lives in ``.nbgrader/`` (git-ignored); ``?timeout=60`` lets several autograde
+  processes share the sqlite file.
+- Grading kernels inherit this process's environment: warnings and progress bars are switched
+  off there, because nbgrader scores a test cell 0 as soon as it writes anything to stderr.
+- A cell that crashes the kernel or keeps running after the timeout's interrupt no longer aborts
+  the whole submission: ``ResilientExecute`` records the error in that cell, restarts the kernel,
+  replays the cells that had succeeded and carries on.
+- Files a student saved next to the notebook (``prefix.pt`` ...) are never overwritten by the
+  instructor's copies of the same name.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+if (ROOT / "autograder").is_dir() and str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the custom preprocessors below live in this repo
+
+from nbconvert.preprocessors import ClearMetadataPreprocessor, CSSHTMLHeaderPreprocessor  # noqa: E402
+from nbgrader import preprocessors  # noqa: E402
+
+from autograder.pipeline.coursedir import ARTIFACT_PATTERNS  # noqa: E402
+from autograder.pipeline.execute import ResilientExecute  # noqa: E402
+from autograder.pipeline.feedback import HideHiddenTests  # noqa: E402
+
+c = get_config()  # noqa: F821  (provided by traitlets when it executes this file)
+
+c.CourseDirectory.root = str(ROOT)
+c.CourseDirectory.source_directory = "solutions"
+c.CourseDirectory.release_directory = "notebooks"
+(ROOT / ".nbgrader").mkdir(exist_ok=True)
+c.CourseDirectory.db_url = f"sqlite:///{ROOT / '.nbgrader' / 'gradebook.db'}?timeout=60"
+
+# Execution: a deliberate per-cell limit; interrupt, then recover instead of aborting.
+c.Execute.timeout = 120
+c.Execute.interrupt_on_timeout = True
+c.Execute.raise_on_iopub_timeout = False
+c.Autograde.autograde_preprocessors = [
+    ResilientExecute,
+    preprocessors.IgnorePattern,
+    ClearMetadataPreprocessor,
+    preprocessors.LimitOutput,
+    preprocessors.SaveAutoGrades,
+    preprocessors.AssignLatePenalties,
+    preprocessors.CheckCellMetadata,
+]
+
+# Stderr noise must not zero a passing test cell.
+os.environ["PYTHONWARNINGS"] = "ignore"
+os.environ["TQDM_DISABLE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+c.IgnorePattern.enabled = True
+c.IgnorePattern.pattern = r"[A-Za-z]*Warning\b|warnings\.warn|\d+%\|.*\|"
+
+# Tampered submissions: deleted graded cells come back from the gradebook.
+c.OverwriteCells.add_missing_cells = True
+
+# A student's saved artifacts win over the instructor's files of the same name.
+c.Autograde.exclude_overwriting = {
+    folder.name: sorted(
+        str(path.relative_to(folder))
+        for pattern in ARTIFACT_PATTERNS
+        for path in folder.rglob(pattern)
+    )
+    for folder in (ROOT / "solutions").glob("*")
+    if folder.is_dir()
+}
+
+# Feedback never shows hidden tests, in the source or in a traceback.
+c.GenerateFeedback.preprocessors = [
+    preprocessors.GetGrades,
+    HideHiddenTests,
+    CSSHTMLHeaderPreprocessor,
+]
