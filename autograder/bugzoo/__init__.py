@@ -1,0 +1,84 @@
+"""Known-buggy implementations of the graded objects: proof that the checks are not vacuous.
+
+Each :class:`Bug` is a realistic student mistake, written as a complete drop-in replacement
+with the reference's signature (:mod:`autograder.reference`). ``tests/test_bugzoo.py`` proves,
+for every bug, that each check named in ``caught_by`` fails on it with a message containing
+``message_contains``, while the reference passes every check. The debugging lab (notebook 05)
+and the instructor's "prove the tests" command use the same registry.
+
+Use::
+
+    from autograder.bugzoo import BUGS, graded_objects
+    from autograder.checks import CHECKS, get_check
+
+    bug = BUGS["prefix_layer0_only"]
+    objects = graded_objects(bug)                      # the reference, with the bug swapped in
+    for name in bug.caught_by:
+        get_check(name)(*(objects[arg] for arg in CHECKS[name][1]))   # raises AssertionError
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from autograder import reference
+
+__all__ = ["BUGS", "GRADED", "Bug", "graded_objects"]
+
+GRADED: tuple[str, ...] = (
+    "freeze_backbone",
+    "SoftPrompt",
+    "prepend_prompt",
+    "save_prompt",
+    "load_prompt",
+    "PrefixEncoder",
+    "build_prefix_cache",
+    "prefix_forward",
+    "generate_with_prefix",
+    "DeepPrompt",
+    "deep_prompt_forward",
+)
+"""The names of the objects students implement (notebooks 01 and 02)."""
+
+
+@dataclass(frozen=True)
+class Bug:
+    """One known mistake.
+
+    Attributes:
+        name: registry key.
+        description: what the student did wrong (and what it breaks).
+        notebook: ``"01"`` or ``"02"``.
+        replaces: graded object name -> its buggy version.
+        caught_by: names of the checks (keys of ``autograder.checks.CHECKS``) that must fail.
+        message_contains: a substring every one of those failure messages contains.
+    """
+
+    name: str
+    description: str
+    notebook: str
+    replaces: dict[str, object] = field(hash=False)
+    caught_by: tuple[str, ...]
+    message_contains: str
+
+
+def graded_objects(bug: Bug | None = None) -> dict[str, object]:
+    """The reference's graded objects by name, with ``bug``'s replacements swapped in."""
+    objects = {name: getattr(reference, name) for name in GRADED}
+    if bug is not None:
+        objects.update(bug.replaces)
+    return objects
+
+
+def _registry() -> dict[str, Bug]:
+    from autograder.bugzoo import deep, frozen, prefix, prompt
+
+    bugs: dict[str, Bug] = {}
+    for bug in (*frozen.BUGS, *prompt.BUGS, *prefix.BUGS, *deep.BUGS):
+        if bug.name in bugs:
+            raise ValueError(f"duplicate bug name {bug.name!r}")
+        bugs[bug.name] = bug
+    return bugs
+
+
+BUGS: dict[str, Bug] = _registry()

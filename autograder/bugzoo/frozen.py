@@ -1,0 +1,68 @@
+"""Freezing mistakes: the backbone keeps trainable parameters, so training changes it."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from autograder.bugzoo import Bug
+
+__all__ = ["BUGS", "freeze_decoder_only", "freeze_matrices_only", "freeze_with_eval"]
+
+
+def freeze_decoder_only(model: nn.Module) -> nn.Module:
+    """Freezes ``model.base_model`` (the decoder stack) only."""
+    for p in model.base_model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def freeze_matrices_only(model: nn.Module) -> nn.Module:
+    """Freezes the weight matrices only (``p.dim() > 1``)."""
+    for p in model.parameters():
+        if p.dim() > 1:
+            p.requires_grad_(False)
+    return model
+
+
+def freeze_with_eval(model: nn.Module) -> nn.Module:
+    """Believes ``eval()`` freezes the model."""
+    model.eval()
+    return model
+
+
+BUGS = [
+    Bug(
+        name="freeze_misses_lm_head",
+        description=(
+            "freeze_backbone freezes model.base_model only: an untied output head (Llama's "
+            "lm_head) stays trainable, and training the prompt also trains the head"
+        ),
+        notebook="01",
+        replaces={"freeze_backbone": freeze_decoder_only},
+        caught_by=("check_freeze_backbone", "check_prompt_training"),
+        message_contains="lm_head",
+    ),
+    Bug(
+        name="freeze_skips_biases_and_norms",
+        description=(
+            "freeze_backbone freezes only weight matrices (p.dim() > 1): biases and LayerNorm/"
+            "RMSNorm weights stay trainable and drift during prefix training"
+        ),
+        notebook="01",
+        replaces={"freeze_backbone": freeze_matrices_only},
+        caught_by=("check_freeze_backbone", "check_prefix_training"),
+        message_contains="requires_grad",
+    ),
+    Bug(
+        name="backbone_never_frozen",
+        description=(
+            "freeze_backbone calls model.eval(), which switches dropout off but freezes nothing: "
+            "an optimizer built over every trainable parameter (model.parameters() included) "
+            "updates the whole backbone"
+        ),
+        notebook="01",
+        replaces={"freeze_backbone": freeze_with_eval},
+        caught_by=("check_freeze_backbone", "check_prompt_training", "check_prefix_training"),
+        message_contains="requires_grad",
+    ),
+]

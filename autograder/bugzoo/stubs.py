@@ -1,0 +1,97 @@
+"""The graded objects as a student first sees them: signatures and ``raise
+NotImplementedError()`` where nbgrader removed the solution. Every check must fail on these with
+"not implemented yet: fill in the YOUR CODE HERE cell of <name>"."""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["STUBS"]
+
+
+def freeze_backbone(model):
+    # YOUR CODE HERE
+    raise NotImplementedError()
+
+
+class SoftPrompt(nn.Module):
+    def __init__(self, n_tokens, embedding, init="random", init_ids=None, seed=0):
+        super().__init__()
+        # YOUR CODE HERE
+        raise NotImplementedError()
+
+    def forward(self, batch_size):
+        # YOUR CODE HERE
+        raise NotImplementedError()
+
+
+def prepend_prompt(model, prompt, input_ids, attention_mask, labels=None):
+    # YOUR CODE HERE
+    raise NotImplementedError()
+
+
+def save_prompt(prompt, path):
+    # YOUR CODE HERE
+    raise NotImplementedError()
+
+
+def load_prompt(path, embedding):
+    # YOUR CODE HERE
+    raise NotImplementedError()
+
+
+class PrefixEncoder(nn.Module):
+    def __init__(self, config, prefix_len, reparam=False, hidden=512, init_std=1.0, seed=0):
+        super().__init__()
+        # YOUR CODE HERE
+        raise NotImplementedError()
+
+    def forward(self):
+        # YOUR CODE HERE
+        raise NotImplementedError()
+
+    def export(self):
+        # YOUR CODE HERE
+        raise NotImplementedError()
+
+
+def build_prefix_cache(prefix, batch_size, dtype):
+    # YOUR CODE HERE
+    raise NotImplementedError()
+
+
+def prefix_forward(model, encoder, input_ids, attention_mask, labels=None):
+    # YOUR CODE HERE
+    raise NotImplementedError()
+
+
+def generate_with_prefix(model, encoder, input_ids, attention_mask, max_new_tokens=20):
+    # YOUR CODE HERE
+    raise NotImplementedError()
+
+
+class DeepPrompt(nn.Module):
+    def __init__(self, config, prompt_len, init_std=0.02, seed=0):
+        super().__init__()
+        # YOUR CODE HERE
+        raise NotImplementedError()
+
+
+def deep_prompt_forward(model, deep, input_ids, attention_mask, labels=None):
+    # YOUR CODE HERE
+    raise NotImplementedError()
+
+
+STUBS: dict[str, object] = {
+    "freeze_backbone": freeze_backbone,
+    "SoftPrompt": SoftPrompt,
+    "prepend_prompt": prepend_prompt,
+    "save_prompt": save_prompt,
+    "load_prompt": load_prompt,
+    "PrefixEncoder": PrefixEncoder,
+    "build_prefix_cache": build_prefix_cache,
+    "prefix_forward": prefix_forward,
+    "generate_with_prefix": generate_with_prefix,
+    "DeepPrompt": DeepPrompt,
+    "deep_prompt_forward": deep_prompt_forward,
+}

@@ -1,0 +1,54 @@
+"""Behaviour-based checks of the graded objects, one module per notebook.
+
+Each ``check_*`` function takes the student's objects (functions or classes, never their
+variable names), runs them on tiny random GPT-2 and Llama-GQA models it builds itself
+(:mod:`autograder.checks.models`), watches what every layer receives
+(:mod:`autograder.checks.recording`), returns ``None`` on success and raises ``AssertionError``
+with a message that says what was observed, what was expected and the likely mistake.
+
+* :mod:`~autograder.checks.frozen` — the backbone stays frozen and bit-identical.
+* :mod:`~autograder.checks.prompt` — notebook 01, prompt tuning.
+* :mod:`~autograder.checks.prefix` — notebook 02, deep prefix tuning (key/value form).
+* :mod:`~autograder.checks.deep` — notebook 02, the hidden-state ("deep prompt") form.
+* :mod:`~autograder.checks.guard` — load a check module afresh and detect monkeypatching.
+
+Visible notebook cells call them through :func:`autograder.selfcheck.run`; hidden tests call
+``guard.fresh("autograder.checks.prefix").check_prefix_forward(...)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+__all__ = ["CHECKS", "get_check"]
+
+CHECKS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "check_freeze_backbone": ("frozen", ("freeze_backbone",)),
+    "check_soft_prompt": ("prompt", ("SoftPrompt",)),
+    "check_prepend_prompt": ("prompt", ("prepend_prompt", "SoftPrompt")),
+    "check_prompt_equivalence": ("prompt", ("SoftPrompt", "prepend_prompt")),
+    "check_peft_prompt_equivalence": ("prompt", ("SoftPrompt", "prepend_prompt")),
+    "check_prompt_training": ("prompt", ("freeze_backbone", "SoftPrompt", "prepend_prompt")),
+    "check_save_load_prompt": ("prompt", ("save_prompt", "load_prompt", "SoftPrompt")),
+    "check_prefix_encoder": ("prefix", ("PrefixEncoder",)),
+    "check_build_prefix_cache": ("prefix", ("build_prefix_cache",)),
+    "check_prefix_forward": ("prefix", ("prefix_forward", "PrefixEncoder")),
+    "check_prefix_training": ("prefix", ("freeze_backbone", "PrefixEncoder", "prefix_forward")),
+    "check_generate_with_prefix": (
+        "prefix",
+        ("generate_with_prefix", "PrefixEncoder", "prefix_forward"),
+    ),
+    "check_peft_equivalence": ("prefix", ("PrefixEncoder", "prefix_forward")),
+    "check_bf16": ("prefix", ("prefix_forward", "PrefixEncoder")),
+    "check_deep_prompt": ("deep", ("DeepPrompt", "deep_prompt_forward")),
+}
+"""Every notebook-facing check: name -> (module under ``autograder.checks``, the names of the
+graded objects it takes, in order). ``check_backbone_unchanged_after_training`` is not listed:
+it takes adapters, and the training checks above call it for the students."""
+
+
+def get_check(name: str) -> Callable[..., None]:
+    """The check function called ``name`` (a key of :data:`CHECKS`)."""
+    module, _ = CHECKS[name]
+    return getattr(importlib.import_module(f"autograder.checks.{module}"), name)
