@@ -53,7 +53,7 @@ def seed_everything(seed: int) -> None:
 def encode_examples(
     tokenizer, examples: Sequence, max_length: int | None = None, with_target: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Tokenise ``prompt + target + eos`` for each example, right-padded.
+    """Tokenise ``prompt + target + eos`` per example, right-padded.
 
     Returns ``input_ids`` and ``attention_mask`` of shape ``(batch, seq)`` and ``labels`` of the same
     shape with ``-100`` on prompt and padding positions, so the loss covers only the target and
@@ -187,7 +187,13 @@ def train(
                 batch = next(iterator)
             except StopIteration:
                 iterator = iter(data)
-                batch = next(iterator)
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    raise ValueError(
+                        f"the data ran out after {step} steps and cannot be restarted: pass a "
+                        "list or course.batches(...), which never runs out"
+                    ) from None
             loss = loss_fn(batch)
             if not torch.isfinite(loss):
                 result.stopped = f"loss became {loss.item()} at step {step}: lower the lr"
@@ -277,8 +283,12 @@ def evaluate(
     """
     predictions: list[str] = []
     chunks = range(0, len(examples), batch_size)
-    bar = tqdm(chunks, desc=f"evaluating {task.name}", leave=False,
-               disable=_progress_disabled() or not show_progress)
+    bar = tqdm(
+        chunks,
+        desc=f"evaluating {task.name}",
+        leave=False,
+        disable=_progress_disabled() or not show_progress,
+    )
     for start in bar:
         chunk = examples[start : start + batch_size]
         predictions += greedy_generate(

@@ -17,8 +17,14 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def tiny_gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
     cfg = GPT2Config(
-        n_layer=3, n_embd=32, n_head=4, vocab_size=64, n_positions=64,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        n_layer=3,
+        n_embd=32,
+        n_head=4,
+        vocab_size=64,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     return GPT2LMHeadModel(cfg).eval()
 
@@ -26,9 +32,16 @@ def tiny_gpt2() -> GPT2LMHeadModel:
 def tiny_llama_gqa() -> LlamaForCausalLM:
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, vocab_size=64, max_position_embeddings=64,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        num_hidden_layers=3,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=64,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     return LlamaForCausalLM(cfg).eval()
 

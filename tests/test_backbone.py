@@ -88,8 +88,13 @@ def test_bf16_load(tiny_lm):
 def _save_llama_gqa(path, vocab: int):
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, vocab_size=vocab, max_position_embeddings=128,
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=vocab,
+        max_position_embeddings=128,
     )
     LlamaForCausalLM(cfg).save_pretrained(path)
 

@@ -61,7 +61,7 @@ def test_train_updates_only_what_it_is_given_and_learns():
     def loss_fn(_batch):
         return ((w - target) ** 2).sum() + (other**2).sum()
 
-    result = train(loss_fn, [w], iter([{}] * 5), steps=200, lr=0.05)
+    result = train(loss_fn, [w], [{}] * 5, steps=200, lr=0.05)
     assert result.steps == 200 and len(result.losses) == 200
     assert result.losses[-1] < 0.01 * result.losses[0] + 3.0  # `other` contributes 3 forever
     assert torch.equal(other.detach(), torch.ones(3))
@@ -100,7 +100,10 @@ def test_greedy_matches_model_generate(tiny_lm):
     for prompt, text in zip(prompts, ours):
         ids = tok(prompt, return_tensors="pt")
         out = model.generate(
-            **ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
+            **ids,
+            max_new_tokens=8,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
         )
         ref = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
@@ -120,3 +123,9 @@ def test_evaluate_returns_metrics_and_predictions(tiny_lm):
     result = evaluate(task, forward, tok, val, batch_size=2)
     assert len(result["predictions"]) == 4
     assert 0.0 <= result["slot_accuracy"] <= 100.0
+
+
+def test_train_says_when_a_one_shot_iterator_runs_out():
+    w = torch.nn.Parameter(torch.zeros(1))
+    with pytest.raises(ValueError, match="ran out after 2 steps"):
+        train(lambda b: (w - 1).pow(2).sum(), [w], iter([{}, {}]), steps=5, lr=0.1)
