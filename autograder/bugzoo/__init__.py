@@ -37,8 +37,13 @@ GRADED: tuple[str, ...] = (
     "generate_with_prefix",
     "DeepPrompt",
     "deep_prompt_forward",
+    "save_prefix",
+    "load_prefix",
+    "mixed_prefix_forward",
+    "mixed_generate",
+    "checkpoint_safe_prefix_forward",
 )
-"""The names of the objects students implement (notebooks 01 and 02)."""
+"""The names of the objects students implement (notebooks 01, 02, 04 and 05)."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,8 @@ class Bug:
     Attributes:
         name: registry key.
         description: what the student did wrong (and what it breaks).
-        notebook: ``"01"`` or ``"02"``.
+        notebook: the notebook whose graded objects it replaces (``"01"``, ``"02"``, ``"04"``,
+            ``"05"``).
         replaces: graded object name -> its buggy version.
         caught_by: names of the checks (keys of ``autograder.checks.CHECKS``) that must fail.
         message_contains: a substring every one of those failure messages contains.
@@ -71,10 +77,17 @@ def graded_objects(bug: Bug | None = None) -> dict[str, object]:
 
 
 def _registry() -> dict[str, Bug]:
-    from autograder.bugzoo import deep, frozen, prefix, prompt
+    from autograder.bugzoo import debugging, deep, frozen, prefix, prompt, serving
 
     bugs: dict[str, Bug] = {}
-    for bug in (*frozen.BUGS, *prompt.BUGS, *prefix.BUGS, *deep.BUGS):
+    for bug in (
+        *frozen.BUGS,
+        *prompt.BUGS,
+        *prefix.BUGS,
+        *deep.BUGS,
+        *serving.BUGS,
+        *debugging.BUGS,
+    ):
         if bug.name in bugs:
             raise ValueError(f"duplicate bug name {bug.name!r}")
         bugs[bug.name] = bug

@@ -10,6 +10,8 @@ with a message that says what was observed, what was expected and the likely mis
 * :mod:`~autograder.checks.prompt` — notebook 01, prompt tuning.
 * :mod:`~autograder.checks.prefix` — notebook 02, deep prefix tuning (key/value form).
 * :mod:`~autograder.checks.deep` — notebook 02, the hidden-state ("deep prompt") form.
+* :mod:`~autograder.checks.serving` — notebook 04, prefix files and mixed-tenant batches.
+* :mod:`~autograder.checks.debugging` — notebook 05, a prefix under gradient checkpointing.
 * :mod:`~autograder.checks.guard` — load a check module afresh and detect monkeypatching.
 
 Visible notebook cells call them through :func:`autograder.selfcheck.run`; hidden tests call
@@ -42,6 +44,13 @@ CHECKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "check_peft_equivalence": ("prefix", ("PrefixEncoder", "prefix_forward")),
     "check_bf16": ("prefix", ("prefix_forward", "PrefixEncoder")),
     "check_deep_prompt": ("deep", ("DeepPrompt", "deep_prompt_forward")),
+    "check_save_load_prefix": ("serving", ("save_prefix", "load_prefix")),
+    "check_mixed_prefix_forward": ("serving", ("mixed_prefix_forward",)),
+    "check_mixed_generate": ("serving", ("mixed_generate",)),
+    "check_checkpointed_prefix_forward": (
+        "debugging",
+        ("checkpoint_safe_prefix_forward", "PrefixEncoder"),
+    ),
 }
 """Every notebook-facing check: name -> (module under ``autograder.checks``, the names of the
 graded objects it takes, in order). ``check_backbone_unchanged_after_training`` is not listed:
