@@ -10,7 +10,7 @@ nbgrader reads this file only from the current directory: run ``nbgrader ...`` f
   off there, because nbgrader scores a test cell 0 as soon as it writes anything to stderr.
 - A cell that crashes the kernel or keeps running after the timeout's interrupt no longer aborts
   the whole submission: ``ResilientExecute`` records the error in that cell, restarts the kernel,
-  replays the cells that had succeeded and carries on.
+  runs the earlier cells again and carries on.
 - Files a student saved next to the notebook (``prefix.pt`` ...) are never overwritten by the
   instructor's copies of the same name.
 """
@@ -56,11 +56,11 @@ c.Autograde.autograde_preprocessors = [
 os.environ["PYTHONWARNINGS"] = "ignore"
 os.environ["TQDM_DISABLE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 c.IgnorePattern.enabled = True
 c.IgnorePattern.pattern = r"[A-Za-z]*Warning\b|warnings\.warn|\d+%\|.*\|"
 
-# Tampered submissions: deleted graded cells come back from the gradebook.
+# Deleted graded cells come back from the gradebook. (``python -m autograder grade`` puts back
+# every deleted nbgrader cell before nbgrader runs; this covers the plain ``nbgrader`` CLI.)
 c.OverwriteCells.add_missing_cells = True
 
 # A student's saved artifacts win over the instructor's files of the same name.

@@ -39,7 +39,9 @@ def machine_description(device: torch.device | str = "cpu") -> str:
 def write_section(name: str, command: str, body: str) -> None:
     """Replace (or append) the section ``name`` of benchmarks/RESULTS.md."""
     text = RESULTS.read_text() if RESULTS.exists() else HEADER
-    section = f"<!-- {name} -->\n## {name}\n\n`{command}` on {date.today()}\n\n{body}\n<!-- /{name} -->\n"
+    section = (
+        f"<!-- {name} -->\n## {name}\n\n`{command}` on {date.today()}\n\n{body}\n<!-- /{name} -->\n"
+    )
     pattern = re.compile(rf"<!-- {re.escape(name)} -->.*?<!-- /{re.escape(name)} -->\n", re.S)
     text = pattern.sub(lambda _m: section, text) if pattern.search(text) else text + "\n" + section
     RESULTS.write_text(text)

@@ -116,13 +116,11 @@ def peft_step_comparison(device, steps: int = 60, seed: int = 0) -> dict[str, fl
         prefix_to_peft_weights(enc.prefix.data)
     )
     opt_ours = torch.optim.AdamW(enc.parameters(), lr=1e-2)
-    opt_peft = torch.optim.AdamW(
-        [p for p in peft_model.parameters() if p.requires_grad], lr=1e-2
-    )
+    opt_peft = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     ours, theirs = [], []
     for i in range(steps + 5):
         batch = next(data)
-        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+        for which in (0, 1) if i % 2 == 0 else (1, 0):
             start = time.perf_counter()
             if which == 0:
                 loss = prefix_forward(model, enc, **batch).loss

@@ -85,7 +85,7 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def hub_reachable(timeout: float = 1.5) -> bool:
-    """Whether the model hub answers within ``timeout`` seconds (False when HF_HUB_OFFLINE is set)."""
+    """Whether the model hub answers within ``timeout`` seconds (False when offline is set)."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return False
     if os.environ.get("TRANSFORMERS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):

@@ -104,9 +104,9 @@ def kv_geometry(config: transformers.PretrainedConfig) -> dict[str, int]:
     query attention ``n_kv_heads < n_heads``; a prefix must use ``n_kv_heads``.
     """
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
-    n_heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    n_layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    n_heads = getattr(config, "num_attention_heads", None) or config.n_head
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     head_dim = getattr(config, "head_dim", None) or hidden // n_heads
     return {

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from course.data import (
     ASPECTS,
     ATTRIBUTES,
+    LANDMARKS,
     QUESTIONS,
     name_pool,
     realise,
@@ -74,6 +75,60 @@ _SHORT_ANSWERS = {
 }
 
 
+_ADJECTIVES = (
+    "Golden", "Blue", "Red", "Green", "Silver", "Old", "Little", "Royal", "Wild", "Olive",
+    "Twin", "Black", "Lucky", "Painted", "Crooked", "Hidden", "White", "Copper", "Jolly", "Brave",
+    "Sleepy", "Merry", "Rusty", "Velvet", "Amber", "Scarlet", "Quiet", "Happy", "Grand", "Tiny",
+    "Dancing", "Flying", "Laughing", "Iron", "Crystal", "Purple", "Rose", "Salty", "Sunny",
+)  # fmt: skip
+_NOUNS = (
+    "Eagle", "Lion", "Curry", "Spoon", "Plough", "Phoenix", "Mill", "Punter", "Dumpling", "Oak",
+    "Fox", "Anchor", "Lantern", "Kettle", "Swan", "Wrestler", "Bear", "Crown", "Dragon", "Goose",
+    "Harp", "Lamb", "Moon", "Otter", "Pepper", "Quail", "Raven", "Saddle", "Tiger", "Unicorn",
+    "Violin", "Whale", "Apple", "Barrel", "Candle", "Drum", "Fiddle", "Garden", "Hare", "Ivy",
+    "Jug", "Kite", "Ladle", "Mermaid", "Nutmeg", "Orchard", "Pigeon", "Robin", "Stag", "Teapot",
+)  # fmt: skip
+_SUFFIXES = (
+    "Kitchen", "House", "Bar", "Grill", "Bistro", "Inn", "Diner", "Tavern", "Cellar", "Corner",
+    "Canteen", "Brasserie", "Rooms", "Table",
+)  # fmt: skip
+_PLACES = ("Hotel", "Theatre", "Gallery", "Museum", "Library", "Station", "Bridge", "Market")
+_ONSETS = ("b", "c", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "st")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ou")
+
+
+def _invented_word(rng: random.Random) -> str:
+    syllables = rng.randint(2, 3)
+    word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables))
+    return word.capitalize()
+
+
+def _name(rng: random.Random) -> str:
+    """A restaurant name: a task name, or one of thousands of others (so copying pays off)."""
+    kind = rng.random()
+    if kind < 0.2:
+        return rng.choice(name_pool())
+    if kind < 0.6:
+        return f"The {rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)}"
+    if kind < 0.8:
+        return f"{rng.choice(_NOUNS + _ADJECTIVES)} {rng.choice(_SUFFIXES)}"
+    return (
+        _invented_word(rng)
+        if rng.random() < 0.5
+        else f"{_invented_word(rng)} {rng.choice(_SUFFIXES)}"
+    )
+
+
+def _landmark(rng: random.Random) -> str:
+    if rng.random() < 0.5:
+        return rng.choice(LANDMARKS)
+    return f"the {rng.choice(_NOUNS)} {rng.choice(_PLACES)}"
+
+
+def _record(rng: random.Random) -> dict[str, str]:
+    return sample_record(rng, _name(rng), landmarks=(_landmark(rng),))
+
+
 def _fact_sheet(record: dict[str, str], rng: random.Random) -> str:
     """The record in one of several layouts, none of them the task's ``key[value] | ...``."""
     layout = rng.randrange(5)
@@ -95,8 +150,8 @@ def _family_word(value: str) -> str:
     return "family-friendly" if value == "yes" else "adults only"
 
 
-def _description_doc(rng: random.Random, names: tuple[str, ...]) -> str:
-    record = sample_record(rng, names)
+def _description_doc(rng: random.Random) -> str:
+    record = _record(rng)
     sheet = _fact_sheet(record, rng)
     text = realise(record, rng)
     if rng.random() < 0.3:
@@ -107,13 +162,13 @@ def _description_doc(rng: random.Random, names: tuple[str, ...]) -> str:
     return f"{sheet}{sep}{rng.choice(_INTROS)}{text}"
 
 
-def _guide_doc(rng: random.Random, names: tuple[str, ...]) -> str:
-    entries = [realise(sample_record(rng, names), rng) for _ in range(rng.randint(2, 4))]
+def _guide_doc(rng: random.Random) -> str:
+    entries = [realise(_record(rng), rng) for _ in range(rng.randint(2, 4))]
     return f"{rng.choice(_GUIDE_TITLES)}\n\n" + "\n\n".join(entries)
 
 
-def _review_doc(rng: random.Random, names: tuple[str, ...]) -> str:
-    name = rng.choice(names)
+def _review_doc(rng: random.Random) -> str:
+    name = _name(rng)
     polarity = rng.choice(("positive", "negative"))
     if rng.random() < 0.5:  # one aspect, labelled with its topic
         aspect = rng.choice(ASPECTS)
@@ -145,8 +200,8 @@ def _answer(attr: str, value: str, name: str, rng: random.Random) -> str:
     return realise({"name": name, attr: value}, rng)
 
 
-def _faq_doc(rng: random.Random, names: tuple[str, ...]) -> str:
-    record = sample_record(rng, names, min_attrs=3)
+def _faq_doc(rng: random.Random) -> str:
+    record = _record(rng)
     head = realise(record, rng) if rng.random() < 0.5 else _fact_sheet(record, rng)
     attrs = rng.sample(list(record), min(len(record), rng.randint(1, 3)))
     lines = [head, ""]
@@ -157,7 +212,7 @@ def _faq_doc(rng: random.Random, names: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-DOCUMENT_KINDS: dict[str, tuple[float, Callable[[random.Random, tuple[str, ...]], str]]] = {
+DOCUMENT_KINDS: dict[str, tuple[float, Callable[[random.Random], str]]] = {
     "description": (0.45, _description_doc),
     "guide": (0.15, _guide_doc),
     "review": (0.25, _review_doc),
@@ -169,12 +224,11 @@ DOCUMENT_KINDS: dict[str, tuple[float, Callable[[random.Random, tuple[str, ...]]
 def documents(n: int, seed: int = 0) -> Iterator[str]:
     """``n`` corpus documents, deterministic for a given ``seed``."""
     rng = random.Random(seed)
-    names = name_pool()
     kinds = list(DOCUMENT_KINDS)
     weights = [DOCUMENT_KINDS[k][0] for k in kinds]
     for _ in range(n):
         kind = rng.choices(kinds, weights)[0]
-        yield DOCUMENT_KINDS[kind][1](rng, names)
+        yield DOCUMENT_KINDS[kind][1](rng)
 
 
 def generate_corpus(n: int, seed: int = 0) -> str:

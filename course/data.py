@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import random
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from course.metrics import accuracy, answer_accuracy, corpus_bleu, slot_accuracy
 
@@ -99,8 +99,9 @@ _NAME_NOUNS = (
 )  # fmt: skip
 _SINGLE_NAMES = (
     "Zizzi", "Aromi", "Cotto", "Fitzbillies", "Loch Fyne", "Strada", "Giraffe", "Wildwood",
-    "Alimentum", "Bibimbap House", "Browns Cambridge", "Cocum", "Midsummer House", "Taste of Cambridge",
-    "Blue Spice", "Green Man", "Wildflower", "Travellers Rest", "Vaults", "Mill Street Kitchen",
+    "Alimentum", "Bibimbap House", "Browns Cambridge", "Cocum", "Midsummer House", "Blue Spice",
+    "Taste of Cambridge", "Green Man", "Wildflower", "Travellers Rest", "Vaults",
+    "Mill Street Kitchen",
 )  # fmt: skip
 
 
@@ -137,23 +138,28 @@ def _check_split(split: str) -> None:
 
 
 def sample_record(
-    rng: random.Random, names: tuple[str, ...], min_attrs: int = 3, max_attrs: int = 8
+    rng: random.Random,
+    name: str,
+    landmarks: Sequence[str] = LANDMARKS,
+    min_attrs: int = 3,
+    max_attrs: int = 8,
 ) -> dict[str, str]:
-    """A random restaurant record: ``name`` plus a random subset of the other attributes.
+    """A random record for restaurant ``name``: a random subset of the other attributes.
 
-    The result has between ``min_attrs`` and ``max_attrs`` attributes, in :data:`ATTRIBUTES` order.
+    The result has between ``min_attrs`` and ``max_attrs`` attributes (``name`` included), in
+    :data:`ATTRIBUTES` order; ``near`` is drawn from ``landmarks``.
     """
     others = list(ATTRIBUTES[1:])
     chosen = set(rng.sample(others, rng.randint(min_attrs, max_attrs) - 1))
-    record = {"name": rng.choice(names)}
+    record = {"name": name}
     for attr in others:
         if attr in chosen:
-            record[attr] = rng.choice(LANDMARKS) if attr == "near" else rng.choice(VALUES[attr])
+            record[attr] = rng.choice(landmarks) if attr == "near" else rng.choice(VALUES[attr])
     return record
 
 
 def format_mr(record: dict[str, str]) -> str:
-    """The E2E-style meaning representation: ``name[The Eagle] | food[French] | area[riverside]``."""
+    """The E2E-style meaning representation, e.g. ``name[The Eagle] | food[French]``."""
     return " | ".join(f"{a}[{record[a]}]" for a in ATTRIBUTES if a in record)
 
 
@@ -296,16 +302,19 @@ _OPINIONS: dict[tuple[str, str], tuple[str, ...]] = {
         "the {dish} was the best I have had in years",
     ),
     ("food", "negative"): (
-        "the {dish} was cold", "the {dish} was bland and overcooked", "we could not finish the {dish}",
-        "the {dish} tasted stale", "the {dish} was burnt", "the {dish} was the worst I have ever had",
+        "the {dish} was cold", "the {dish} was bland and overcooked", "the {dish} tasted stale",
+        "we could not finish the {dish}", "the {dish} was burnt",
+        "the {dish} was the worst I have ever had",
     ),
     ("service", "positive"): (
         "the staff were friendly", "our waiter was attentive and kind", "the service was quick",
-        "the staff made us feel at home", "our server was helpful", "the manager was very welcoming",
+        "the staff made us feel at home", "our server was helpful",
+        "the manager was very welcoming",
     ),
     ("service", "negative"): (
-        "the staff were rude", "our waiter ignored us all evening", "the service was painfully slow",
-        "we waited an hour for our order", "our server was unhelpful", "the manager was very rude",
+        "the staff were rude", "our waiter ignored us all evening", "our server was unhelpful",
+        "the service was painfully slow", "we waited an hour for our order",
+        "the manager was very rude",
     ),
     ("price", "positive"): (
         "the prices were fair", "it was good value for money", "the bill was very reasonable",
@@ -415,7 +424,7 @@ class Task:
         return list(_examples(self.name, split)[:n])
 
     def score(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
-        """Scores in ``[0, 100]``: ``slot_accuracy`` and ``bleu`` (data-to-text), else ``accuracy``."""
+        """Scores in ``[0, 100]``: ``slot_accuracy`` + ``bleu`` (data-to-text), or ``accuracy``."""
         if len(predictions) != len(examples):
             raise ValueError(f"got {len(predictions)} predictions for {len(examples)} examples")
         if self.name == "data_to_text":
@@ -429,7 +438,7 @@ class Task:
 
 
 def _build_data_to_text(rng: random.Random, names: tuple[str, ...], train: bool) -> Example:
-    record = sample_record(rng, names)
+    record = sample_record(rng, rng.choice(names))
     refs = [realise(record, rng) for _ in range(1 if train else 3)]
     return Example(f"{format_mr(record)}\n", refs[0], {"slots": record, "references": refs})
 
@@ -450,7 +459,7 @@ def _build_topic(rng: random.Random, names: tuple[str, ...], train: bool) -> Exa
 
 
 def _build_question_answering(rng: random.Random, names: tuple[str, ...], train: bool) -> Example:
-    record = sample_record(rng, names)
+    record = sample_record(rng, rng.choice(names))
     attribute = rng.choice(list(record))
     question = rng.choice(QUESTIONS[attribute])
     prompt = f"{format_mr(record)}\nQ: {question}\nA:"
@@ -499,7 +508,7 @@ TASKS: dict[str, Task] = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _examples(task_name: str, split: str) -> tuple[Example, ...]:
     """All examples of a split, generated once per process from a fixed seed."""
     task = TASKS[task_name]

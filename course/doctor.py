@@ -53,7 +53,9 @@ def _device() -> tuple[bool, str]:
     from course.backbone import pick_device
 
     dev = pick_device()
-    return True, f"device {dev.type}" + (" (no GPU: the CPU budgets apply)" if dev.type == "cpu" else "")
+    return True, f"device {dev.type}" + (
+        " (no GPU: the CPU budgets apply)" if dev.type == "cpu" else ""
+    )
 
 
 def _tiny_model() -> tuple[bool, str]:
@@ -105,4 +107,3 @@ def run_doctor(out=print) -> int:
             out(f"[FAIL] {detail}")
     out("all checks passed" if failures == 0 else f"{failures} check(s) failed")
     return 0 if failures == 0 else 1
-

@@ -50,7 +50,8 @@ SLOT_PATTERNS: dict[str, dict[str, str]] = {
         for food in ("French", "Italian", "Chinese", "Indian", "Japanese", "English", "fast food")
     },
     "priceRange": {
-        "cheap": r"\bcheap|\binexpensive\b|\blow[- ]price|\bprices? (?:are|is) low|price range is low",
+        "cheap": r"\bcheap|\binexpensive\b|\blow[- ]price|\bprices? (?:are|is) low"
+        r"|price range is low",
         "moderate": r"\bmoderate",
         "high": r"\bexpensive\b|\bhigh[- ]price|\bprices? (?:are|is) high|price range is high",
         "less than £20": r"less than £20|under £20|below £20",
@@ -60,7 +61,8 @@ SLOT_PATTERNS: dict[str, dict[str, str]] = {
     "customer rating": {
         "low": rf"\blow {_RATING_OF}|\brated low|\bpoorly rated|\brate it low|rating is low",
         "average": rf"\baverage {_RATING_OF}|\brated average|\brate it average|rating is average",
-        "high": rf"\bhigh {_RATING_OF}|\bhighly rated|\brated highly|\brate it highly|rating is high",
+        "high": rf"\bhigh {_RATING_OF}|\bhighly rated|\brated highly|\brate it highly"
+        r"|rating is high",
         "1 out of 5": r"\b1 out of 5\b",
         "3 out of 5": r"\b3 out of 5\b",
         "5 out of 5": r"\b5 out of 5\b",
@@ -139,7 +141,8 @@ def corpus_bleu(
     ``references[i]`` holds one or more references for ``hypotheses[i]``. N-gram matches are
     clipped by the maximum count in any one reference; the brevity penalty uses, per sentence, the
     reference length closest to the hypothesis length (the shorter one on a tie). Returns 0 when
-    any n-gram order has no match.
+    any n-gram order has no match. Equal to sacreBLEU's ``corpus_bleu(..., tokenize="none",
+    smooth_method="none")`` on text pre-split by :func:`tokenize_bleu`.
     """
     _check_lengths(hypotheses, references)
     matches = [0] * max_order

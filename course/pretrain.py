@@ -15,6 +15,7 @@ import math
 import platform
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -42,30 +43,31 @@ PAD = "<pad>"
 class PretrainConfig:
     """Everything that determines the tiny LM (the defaults made the committed one)."""
 
-    steps: int = 1400
+    steps: int = 1200
     seed: int = 0
     vocab_size: int = 1024
     n_layer: int = 4
-    n_embd: int = 192
+    n_embd: int = 160
     n_head: int = 4
     n_positions: int = 256
-    seq_len: int = 128
-    batch_size: int = 16
+    tokens_per_batch: int = 2048
     lr: float = 3e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
-    train_docs: int = 40_000
+    train_docs: int = 48_000
     val_docs: int = 500
     log_every: int = 100
     threads: int = 2
 
 
 QUICK = PretrainConfig(
-    steps=4, train_docs=300, val_docs=20, vocab_size=300, seq_len=32, batch_size=4, log_every=2
+    steps=4, train_docs=300, val_docs=20, vocab_size=300, tokens_per_batch=512, log_every=2
 )
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    texts: list[str], vocab_size: int, model_max_length: int
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer (GPT-2 style) with ``<|endoftext|>`` (bos/eos) and ``<pad>``."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -84,7 +86,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
         unk_token=EOS,
         pad_token=PAD,
         padding_side="right",
-        model_max_length=None,
+        model_max_length=model_max_length,
     )
 
 
@@ -96,6 +98,7 @@ def build_model(config: PretrainConfig, tokenizer: PreTrainedTokenizerFast) -> G
         n_embd=config.n_embd,
         n_layer=config.n_layer,
         n_head=config.n_head,
+        activation_function="gelu",
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
@@ -108,18 +111,39 @@ def build_model(config: PretrainConfig, tokenizer: PreTrainedTokenizerFast) -> G
     return GPT2LMHeadModel(gpt2)
 
 
-def _token_stream(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> torch.Tensor:
-    """All documents as one stream of ids, each followed by the eos id."""
-    ids: list[int] = []
-    for row in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids.extend(row)
-        ids.append(tokenizer.eos_token_id)
-    return torch.tensor(ids, dtype=torch.long)
+def _doc_batches(
+    tokenizer: PreTrainedTokenizerFast,
+    texts: list[str],
+    tokens_per_batch: int,
+    max_len: int,
+    generator: torch.Generator,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Documents grouped by length into right-padded ``(input_ids, attention_mask)`` batches.
 
-
-def _blocks(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
-    n = len(stream) // seq_len
-    return stream[: n * seq_len].view(n, seq_len)
+    One document per row, each ending in eos, so attention never spans two documents and every
+    document starts at position 0, as a task prompt does. A batch holds at most
+    ``tokens_per_batch`` token slots; batches come in a random (seeded) order.
+    """
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    encoded = tokenizer(texts, truncation=True, max_length=max_len - 1)["input_ids"]
+    rows = [ids + [eos] for ids in encoded]
+    rows.sort(key=len)
+    groups: list[list[list[int]]] = [[]]
+    for row in rows:  # ascending length: the newest row is the widest of its group
+        if groups[-1] and (len(groups[-1]) + 1) * len(row) > tokens_per_batch:
+            groups.append([])
+        groups[-1].append(row)
+    batches = []
+    for group in groups:
+        width = len(group[-1])
+        ids = torch.full((len(group), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for i, row in enumerate(group):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        batches.append((ids, mask))
+    order = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in order]
 
 
 def _lr_at(step: int, config: PretrainConfig) -> float:
@@ -130,18 +154,33 @@ def _lr_at(step: int, config: PretrainConfig) -> float:
     return config.lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
+def _lm_loss(
+    model: GPT2LMHeadModel, ids: torch.Tensor, mask: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Next-token cross-entropy over the real (unpadded) tokens of a batch."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction=reduction
+    )
+
+
 @torch.no_grad()
-def _perplexity(model: GPT2LMHeadModel, blocks: torch.Tensor, batch_size: int) -> float:
+def _perplexity(model: GPT2LMHeadModel, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     model.eval()
-    total = 0.0
-    for i in range(0, len(blocks), batch_size):
-        batch = blocks[i : i + batch_size]
-        total += model(input_ids=batch, labels=batch).loss.item() * len(batch)
+    total, count = 0.0, 0
+    for ids, mask in batches:
+        total += _lm_loss(model, ids, mask, reduction="sum").item()
+        count += int(mask[:, 1:].sum())
     model.train()
-    return math.exp(total / len(blocks))
+    return math.exp(total / count)
 
 
-def pretrain(config: PretrainConfig, out: Path, log=print) -> dict:
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def pretrain(config: PretrainConfig, out: Path, log: Callable[[str], None] = _log) -> dict:
     """Train the tokenizer and the model, save both to ``out``, return the training record."""
     start = time.perf_counter()
     torch.set_num_threads(config.threads)
@@ -149,15 +188,18 @@ def pretrain(config: PretrainConfig, out: Path, log=print) -> dict:
     torch.manual_seed(config.seed)
     train_texts = list(documents(config.train_docs, seed=config.seed))
     val_texts = list(documents(config.val_docs, seed=config.seed + 1_000_003))
-    tokenizer = train_tokenizer(train_texts, config.vocab_size)
-    train_blocks = _blocks(_token_stream(tokenizer, train_texts), config.seq_len)
-    val_blocks = _blocks(_token_stream(tokenizer, val_texts), config.seq_len)
+    tokenizer = train_tokenizer(train_texts, config.vocab_size, config.n_positions)
+    generator = torch.Generator().manual_seed(config.seed)
+    sizes = (config.tokens_per_batch, config.n_positions, generator)
+    train_batches = _doc_batches(tokenizer, train_texts, *sizes)
+    val_batches = _doc_batches(tokenizer, val_texts, *sizes)
+    train_tokens = sum(int(mask.sum()) for _, mask in train_batches)
     model = build_model(config, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
+    epochs = config.steps / len(train_batches)
     log(
-        f"corpus: {len(train_texts)} documents, {train_blocks.numel()} tokens "
-        f"({train_blocks.numel() / (config.steps * config.batch_size * config.seq_len):.2f} "
-        f"passes needed); vocab {len(tokenizer)}; model {n_params:,} parameters"
+        f"corpus: {len(train_texts)} documents, {train_tokens} tokens in {len(train_batches)} "
+        f"batches ({epochs:.2f} epochs); vocab {len(tokenizer)}; model {n_params:,} parameters"
     )
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -168,17 +210,14 @@ def pretrain(config: PretrainConfig, out: Path, log=print) -> dict:
         ],
         lr=config.lr,
         betas=(0.9, 0.95),
+        fused=True,
     )
-    generator = torch.Generator().manual_seed(config.seed)
-    order = torch.randperm(len(train_blocks), generator=generator)
     model.train()
     running = 0.0
     for step in range(config.steps):
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
-        take = torch.arange(step * config.batch_size, (step + 1) * config.batch_size)
-        batch = train_blocks[order[take % len(order)]]
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = _lm_loss(model, *train_batches[step % len(train_batches)])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -191,7 +230,7 @@ def pretrain(config: PretrainConfig, out: Path, log=print) -> dict:
                 f"{time.perf_counter() - start:.0f}s"
             )
             running = 0.0
-    val_ppl = _perplexity(model, val_blocks, 4 * config.batch_size)
+    val_ppl = _perplexity(model, val_batches)
     wall = time.perf_counter() - start
     record = {
         "seed": config.seed,
@@ -201,10 +240,9 @@ def pretrain(config: PretrainConfig, out: Path, log=print) -> dict:
         "parameters": n_params,
         "corpus": {
             "train_documents": len(train_texts),
-            "train_tokens": int(train_blocks.numel()),
+            "train_tokens": train_tokens,
             "val_documents": len(val_texts),
-            "val_tokens": int(val_blocks.numel()),
-            "tokens_seen": config.steps * config.batch_size * config.seq_len,
+            "val_tokens": sum(int(mask.sum()) for _, mask in val_batches),
         },
         "config": asdict(config),
         "machine": f"{platform.machine()} CPU, torch {torch.__version__}, "

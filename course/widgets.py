@@ -7,7 +7,9 @@ Three explorers, each in three layers:
   return a matplotlib ``Figure``;
 * widget: :func:`param_explorer`, :func:`prefix_attention_explorer`, :func:`nearest_tokens_explorer`
   return an ipywidgets widget, or a static figure when ipywidgets is not installed (or
-  ``static=True``), so a notebook works the same in JupyterLab, Colab, a grader and a script.
+  ``static=True``), so a notebook works the same in JupyterLab, Colab and a script. Under
+  nbgrader (``NBGRADER_EXECUTION`` set) the explorers draw nothing and return ``None``: nobody
+  looks at them there, and a graded run must stay fast.
 
 None of this is graded; the forward passes it inspects are the student's own.
 """
@@ -23,6 +25,7 @@ from matplotlib.figure import Figure
 
 from course.compat import kv_geometry
 from course.plots import human_count
+from course.training import is_grading
 
 __all__ = [
     "PRESETS",
@@ -132,9 +135,7 @@ def param_figure(
     names = list(counts)[::-1]
     vals = [counts[k] for k in names]
     bars = left.barh(names, vals, color=[f"C{i}" for i in range(len(names))])
-    labels = [
-        human_count(v) + (f" ({100 * v / backbone:.3g}%)" if backbone else "") for v in vals
-    ]
+    labels = [human_count(v) + (f" ({100 * v / backbone:.3g}%)" if backbone else "") for v in vals]
     left.bar_label(bars, labels=labels, padding=3)
     left.set_xscale("log")
     left.margins(x=0.45)
@@ -146,7 +147,9 @@ def param_figure(
     lengths = sorted({1, 5, 10, 20, 50, 100, 200, prefix_len})
     for i, key in enumerate(counts):
         ys = [trainable_counts(g, p, n_prefix_layers, reparam_hidden)[key] for p in lengths]
-        right.plot(lengths, ys, marker="o", markersize=3, color=f"C{len(counts) - 1 - i}", label=key)
+        right.plot(
+            lengths, ys, marker="o", markersize=3, color=f"C{len(counts) - 1 - i}", label=key
+        )
     if backbone:
         right.axhline(backbone, color="k", linestyle="--", linewidth=1, label="backbone (frozen)")
     right.axvline(prefix_len, color="grey", linewidth=0.8)
@@ -165,8 +168,10 @@ def param_explorer(model_or_config=None, static: bool = False):
     given model and the presets in :data:`PRESETS`.
 
     Returns an ipywidgets ``VBox``, or (no ipywidgets, or ``static=True``) the figure for the
-    given model at ``P=10``.
+    given model at ``P=10``; ``None`` under nbgrader.
     """
+    if is_grading():
+        return None
     choices: dict[str, dict[str, int]] = {}
     if model_or_config is not None:
         config = getattr(model_or_config, "config", model_or_config)
@@ -349,15 +354,17 @@ def prefix_attention_explorer(
 ):
     """Pick an example and a head (or the mean over heads) and see the heatmap of
     :func:`prefix_attention_figure`. Falls back to the static figure of example 0."""
+    if is_grading():
+        return None
     shares = prefix_attention(model, forward, input_ids, attention_mask, prefix_len)
 
     def tokens_of(i: int) -> list[str] | None:
         if tokenizer is None:
             return None
         n = int(attention_mask[i].sum())
-        return [tokenizer.decode([t]) for t in input_ids[i, :n].tolist()] + [
-            "<pad>"
-        ] * (input_ids.shape[1] - n)
+        return [tokenizer.decode([t]) for t in input_ids[i, :n].tolist()] + ["<pad>"] * (
+            input_ids.shape[1] - n
+        )
 
     if static or not widgets_available():
         return prefix_attention_figure(shares, tokens_of(0))
@@ -414,9 +421,10 @@ def nearest_tokens(
     table = embedding_weight.detach().float().cpu()
     k = max(1, min(k, table.shape[0]))
     if metric == "cosine":
-        sim = torch.nn.functional.normalize(v, dim=-1) @ torch.nn.functional.normalize(
-            table, dim=-1
-        ).T
+        sim = (
+            torch.nn.functional.normalize(v, dim=-1)
+            @ torch.nn.functional.normalize(table, dim=-1).T
+        )
         vals, idx = sim.topk(k, dim=-1)
     elif metric == "l2":
         dist = torch.cdist(v, table)
@@ -461,6 +469,8 @@ def nearest_tokens_explorer(
 ):
     """Slider for ``k`` and a choice of metric over :func:`nearest_tokens_figure`; falls back to
     the static cosine figure with ``k=5``."""
+    if is_grading():
+        return None
     if static or not widgets_available():
         return nearest_tokens_figure(nearest_tokens(vectors, embedding_weight, tokenizer, 5))
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import nbgrader
+from nbgrader.api import Gradebook
 from traitlets.config import Config
 from traitlets.config.loader import PyFileConfigLoader
 
@@ -29,6 +32,11 @@ CONFIG_NAME = "nbgrader_config.py"
 
 class CourseError(Exception):
     """A problem with the course layout or the command line, worded for the instructor."""
+
+
+def names_assignment(name: str, assignment: str) -> bool:
+    """Whether ``name`` (``"01"`` or ``"01_prompt_tuning"``) refers to ``assignment``."""
+    return name in (assignment, assignment.split("_", 1)[0])
 
 
 def is_artifact(path: Path) -> bool:
@@ -93,7 +101,7 @@ class Course:
         )
 
     def resolve(self, selected: Sequence[str] | None) -> list[str]:
-        """Full assignment ids for ``selected`` (``"01"`` or ``"01_prompt_tuning"``); all if None."""
+        """Full ids for ``selected`` (``"01"`` or ``"01_prompt_tuning"``); all if None or empty."""
         known = self.assignments()
         if not known:
             raise CourseError(f"no assignments: {self.solutions} has no NN_name/NN_name.ipynb")
@@ -101,7 +109,7 @@ class Course:
             return known
         resolved = []
         for name in selected:
-            matches = [a for a in known if a == name or a.split("_", 1)[0] == name]
+            matches = [a for a in known if names_assignment(name, a)]
             if len(matches) != 1:
                 raise CourseError(f"unknown assignment {name!r}; known: {', '.join(known)}")
             resolved.append(matches[0])
@@ -111,14 +119,45 @@ class Course:
         """The instructor notebooks of ``assignment``, sorted."""
         return sorted((self.solutions / assignment).glob("*.ipynb"))
 
+    @property
+    def db_url(self) -> str:
+        """The gradebook, ``.nbgrader/gradebook.db``; several processes may write it at once."""
+        return f"sqlite:///{self.state / 'gradebook.db'}?timeout=60"
+
     def config(self) -> Config:
-        """The course's ``nbgrader_config.py``, with the root and gradebook pinned to this course."""
+        """The course's ``nbgrader_config.py``, root and gradebook pinned to this course."""
         config = PyFileConfigLoader(CONFIG_NAME, path=str(self.root)).load_config()
         config.CourseDirectory.root = str(self.root)
-        self.state.mkdir(exist_ok=True)
-        config.CourseDirectory.db_url = f"sqlite:///{self.state / 'gradebook.db'}?timeout=60"
+        config.CourseDirectory.db_url = self.db_url
         config.NbGraderAPI.log_level = logging.WARNING
+        _ensure_gradebook(self.state / "gradebook.db", config.CourseDirectory.get("course_id", ""))
         return config
+
+    def gradebook(self) -> Gradebook:
+        """An open gradebook (use it as a context manager)."""
+        config = self.config()
+        return Gradebook(self.db_url, config.CourseDirectory.get("course_id", ""))
+
+
+def _ensure_gradebook(path: Path, course_id: str) -> None:
+    """Create the gradebook at ``path`` if missing, from a cached empty one.
+
+    nbgrader asks ``alembic heads`` (a subprocess, several seconds) for every new gradebook; the
+    empty gradebook it makes is cached once per nbgrader version under this repository's
+    ``.nbgrader/`` and copied from then on.
+    """
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    template = REPO_ROOT / ".nbgrader" / f"empty-gradebook-{nbgrader.__version__}.db"
+    if not template.exists():
+        template.parent.mkdir(exist_ok=True)
+        fresh = template.with_suffix(f".{os.getpid()}.tmp")
+        Gradebook(f"sqlite:///{fresh}", course_id="").close()
+        os.replace(fresh, template)
+    shutil.copyfile(template, path)
+    with Gradebook(f"sqlite:///{path}", course_id):
+        pass  # records the course id, as nbgrader would
 
 
 def prepare_environment(course: Course) -> None:
@@ -135,8 +174,9 @@ def prepare_environment(course: Course) -> None:
     python_path = [str(REPO_ROOT), str(course.root)]
     python_path += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(python_path))
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
+    for entry in (str(course.root), str(REPO_ROOT)):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
     os.environ["PYTHONWARNINGS"] = "ignore"
     os.environ["TQDM_DISABLE"] = "1"
 
@@ -150,3 +190,28 @@ def working_directory(path: Path) -> Iterator[None]:
         yield
     finally:
         os.chdir(previous)
+
+
+@contextlib.contextmanager
+def output_to(log: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr, and those of the kernels it starts, to ``log``.
+
+    nbgrader, nbclient and the kernels print warnings and progress that an instructor's terminal
+    and a test's stderr should not show; they stay readable in the log.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with log.open("a", encoding="utf-8") as handle:
+        os.dup2(handle.fileno(), 1)
+        os.dup2(handle.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])

@@ -11,7 +11,6 @@ and goes on with the next cell. The error names are :data:`KERNEL_DIED`,
 
 from __future__ import annotations
 
-import asyncio
 from queue import Empty
 from time import monotonic
 from typing import Any
@@ -42,7 +41,7 @@ class ResilientExecute(Execute):
     """Execute every cell; a killed or stuck kernel costs one cell, not the submission."""
 
     probe_timeout = Integer(
-        10, help="Seconds an interrupted kernel has to become responsive before it is restarted."
+        5, help="Seconds an interrupted kernel has to become responsive before it is restarted."
     ).tag(config=True)
 
     max_restarts = Integer(
@@ -124,7 +123,7 @@ class ResilientExecute(Execute):
         while (remaining := deadline - monotonic()) > 0:
             try:
                 msg = await ensure_async(self.kc.shell_channel.get_msg(timeout=min(1, remaining)))
-            except (Empty, asyncio.TimeoutError):
+            except Empty:
                 if not await ensure_async(self.kc.is_alive()):
                     return None
                 continue

@@ -1,0 +1,300 @@
+"""``grade``: autograde a folder of submissions with nbgrader, robustly and in parallel.
+
+Layout of the folder: ``<student>/<assignment>/<notebook>.ipynb`` plus any files the notebook
+saved (``prefix.pt`` ...), which nbgrader copies next to the notebook it grades. Each submission
+is checked and repaired (:mod:`autograder.pipeline.submissions`), copied to
+``submitted/<student>/<assignment>/``, and autograded by ``--workers`` processes through
+nbgrader's Python API on one sqlite gradebook. Crashes and hangs are survived by
+:class:`~autograder.pipeline.execute.ResilientExecute` and reported per cell. Feedback HTML has
+its hidden tests removed. The gradebook is never deleted: manual grades survive a regrade.
+Everything nbgrader and the kernels print goes to ``.nbgrader/logs/<student>--<assignment>.log``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+
+from autograder.pipeline.coursedir import Course, CourseError, output_to, prepare_environment
+from autograder.pipeline.execute import KERNEL_DIED, KERNEL_UNAVAILABLE, KERNEL_UNRESPONSIVE
+from autograder.pipeline.feedback import hidden_lines, leaked_hidden_lines
+from autograder.pipeline.report import NotebookResult, read_scores
+from autograder.pipeline.submissions import Issue, Staged, cell_label, stage
+
+TIMEOUT_ERROR = "CellTimeoutError"
+"""The ``ename`` nbgrader records for a cell interrupted at the time limit."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One autograde run: a student's assignment, done in a worker process."""
+
+    root: str
+    student: str
+    assignment: str
+    feedback: bool
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a worker reports back: nbgrader's verdict and where its log is."""
+
+    success: bool
+    message: str
+    log: str
+    seconds: float
+    feedback_error: str = ""
+
+
+_api = None  # one NbGraderAPI per worker process
+
+
+def _init_worker(root: str) -> None:
+    """Worker start: load the course config and make one nbgrader API object."""
+    from nbgrader.apps import NbGraderAPI
+
+    global _api
+    course = Course.at(root)
+    prepare_environment(course)
+    os.chdir(course.root)
+    _api = NbGraderAPI(config=course.config())
+
+
+def _first_error(log: str, error: str) -> str:
+    """The most telling line of a failed nbgrader run."""
+    for line in log.splitlines():
+        if line.startswith("[ERROR]") and "Please see" not in line:
+            return line.removeprefix("[ERROR]").strip()
+    lines = [line for line in error.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "nbgrader failed without a message"
+
+
+def _run_job(job: Job) -> JobResult:
+    """Autograde (and make feedback for) one submission; output goes to the job's log file."""
+    assert _api is not None
+    start = time.perf_counter()
+    log_path = Course(Path(job.root)).state / "logs" / f"{job.student}--{job.assignment}.log"
+    log_path.unlink(missing_ok=True)
+    with output_to(log_path):
+        result = _api.autograde(job.assignment, job.student, force=True, create=True)
+        log, error = result.get("log") or "", result.get("error") or ""
+        feedback_error = ""
+        if result["success"] and job.feedback:
+            made = _api.generate_feedback(job.assignment, job.student, force=True)
+            if not made["success"]:
+                feedback_error = _first_error(made.get("log") or "", made.get("error") or "")
+                log += made.get("log") or ""
+        print(log, error, sep="\n", flush=True)
+    message = "" if result["success"] else _first_error(log, error)
+    took = time.perf_counter() - start
+    return JobResult(result["success"], message, str(log_path), took, feedback_error)
+
+
+def execution_issues(notebook: Path, name: str) -> list[Issue]:
+    """Crashes, hangs and timeouts recorded in an autograded notebook."""
+    issues = []
+    nb = nbformat.read(notebook, as_version=4)
+    for index, cell in enumerate(nb.cells):
+        for output in cell.get("outputs", []):
+            if output.get("output_type") != "error":
+                continue
+            where = cell_label(cell, index)
+            if output.ename == KERNEL_DIED:
+                detail = f"the kernel died in {where}; restarted, the other cells were graded"
+                issues.append(Issue("crash", name, detail))
+            elif output.ename == KERNEL_UNRESPONSIVE:
+                detail = (
+                    f"{where} ran past the time limit and ignored the interrupt; kernel "
+                    "restarted, the other cells were graded"
+                )
+                issues.append(Issue("hang", name, detail))
+            elif output.ename == KERNEL_UNAVAILABLE:
+                detail = f"{where} and the cells after it were not run: the kernel was lost"
+                issues.append(Issue("error", name, detail))
+                return issues
+            elif output.ename == TIMEOUT_ERROR and not any(
+                o.get("ename") == KERNEL_UNRESPONSIVE for o in cell.outputs
+            ):
+                issues.append(Issue("timeout", name, f"{where} was stopped at the time limit"))
+    return issues
+
+
+def find_submissions(
+    course: Course, submissions: Path, selected: Sequence[str] | None
+) -> tuple[list[tuple[str, str, Path | None]], list[str]]:
+    """``(student, assignment, folder or None)`` to grade, and warnings about the folder.
+
+    Without ``selected``, the assignments are those any student handed in; a student without
+    a folder for one of them is graded as missing it.
+    """
+    if not submissions.is_dir():
+        raise CourseError(f"submissions folder {submissions} does not exist")
+    students = sorted(
+        d.name for d in submissions.iterdir() if d.is_dir() and not d.name.startswith(".")
+    )
+    if not students:
+        raise CourseError(f"{submissions} has no <student>/<assignment>/ folders")
+    known = course.assignments()
+    warnings = []
+    handed_in: set[str] = set()
+    for student in students:
+        stray = sorted(p.name for p in (submissions / student).glob("*.ipynb"))
+        if stray:
+            warnings.append(
+                f"{student}/: {', '.join(stray)} not inside an <assignment>/ folder, not graded"
+            )
+        for folder in sorted((submissions / student).iterdir()):
+            if not folder.is_dir() or folder.name.startswith("."):
+                continue
+            if folder.name in known:
+                handed_in.add(folder.name)
+            else:
+                warnings.append(
+                    f"{student}/{folder.name}: not an assignment of this course, skipped"
+                )
+    assignments = course.resolve(selected) if selected else sorted(handed_in)
+    if not assignments:
+        raise CourseError(
+            f"{submissions} holds no assignment of this course; known: {', '.join(known)}"
+        )
+    jobs = []
+    for student in students:
+        for assignment in assignments:
+            folder = submissions / student / assignment
+            jobs.append((student, assignment, folder if folder.is_dir() else None))
+    return jobs, warnings
+
+
+def sync_gradebook(course: Course, assignments: Sequence[str]) -> None:
+    """Record the current solutions in the gradebook (cells, points, checksums).
+
+    Runs ``generate_assignment`` with its output in ``.nbgrader/release``, so ``notebooks/`` is
+    left to the ``release`` command.
+    """
+    from nbgrader.apps import NbGraderAPI
+
+    config = course.config()
+    config.CourseDirectory.release_directory = str(course.state / "release")
+    cwd = Path.cwd()
+    os.chdir(course.root)
+    try:
+        api = NbGraderAPI(config=config)
+        for assignment in assignments:
+            result = api.generate_assignment(assignment, force=True, create=True)
+            if not result["success"]:
+                message = _first_error(result.get("log") or "", result.get("error") or "")
+                raise CourseError(f"could not record {assignment} in the gradebook: {message}")
+    finally:
+        os.chdir(cwd)
+
+
+def _record_missing(course: Course, staged: Staged) -> None:
+    """Record a submission with no gradable notebook as 0 in the gradebook (manual grades kept)."""
+    with course.gradebook() as gb:
+        gb.update_or_create_student(staged.student)
+        submission = gb.update_or_create_submission(staged.assignment, staged.student)
+        for notebook in submission.notebooks:
+            for grade in notebook.grades:
+                grade.auto_score = 0
+                grade.needs_manual_grade = False
+        gb.db.commit()
+    for folder in (course.autograded, course.feedback):
+        shutil.rmtree(folder / staged.student / staged.assignment, ignore_errors=True)
+
+
+def _check_feedback(course: Course, staged: Staged) -> list[Issue]:
+    """Withhold any feedback file that still quotes a hidden test line."""
+    issues = []
+    for name in staged.gradable:
+        html = course.feedback / staged.student / staged.assignment / f"{name}.html"
+        if not html.exists():
+            continue
+        hidden = hidden_lines(course.solutions / staged.assignment / f"{name}.ipynb")
+        leaked = leaked_hidden_lines(html, hidden)
+        if leaked:
+            html.unlink()
+            detail = f"feedback withheld: it quoted hidden test line {leaked[0]!r}"
+            issues.append(Issue("error", name, detail))
+    return issues
+
+
+def grade(
+    course: Course,
+    submissions: Path,
+    assignments: Sequence[str] | None = None,
+    workers: int = 1,
+    feedback: bool = True,
+    progress: Callable[[str], None] = lambda line: None,
+) -> tuple[list[NotebookResult], list[str]]:
+    """Grade every submission in ``submissions``; results per student and notebook, warnings.
+
+    ``progress`` receives one line per finished submission.
+    """
+    if workers < 1:
+        raise CourseError(f"--workers must be at least 1, not {workers}")
+    prepare_environment(course)
+    found, warnings = find_submissions(course, submissions, assignments)
+    sync_gradebook(course, sorted({assignment for _, assignment, _ in found}))
+    release = course.state / "release"
+    staged = [
+        stage(course, release, folder, student, assignment) for student, assignment, folder in found
+    ]
+    results: dict[tuple[str, str], list[Issue]] = {}
+    to_run = [s for s in staged if s.gradable]
+    for s in staged:
+        if not s.gradable:
+            _record_missing(course, s)
+            progress(f"{s.student}/{s.assignment}: nothing gradable handed in")
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with ProcessPoolExecutor(
+        max_workers=max(1, min(workers, len(to_run))),
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(str(course.root),),
+    ) as pool:
+        futures = {
+            pool.submit(_run_job, Job(str(course.root), s.student, s.assignment, feedback)): s
+            for s in to_run
+        }
+        for future in as_completed(futures):
+            s = futures[future]
+            issues = results.setdefault((s.student, s.assignment), [])
+            try:
+                outcome = future.result()
+            except Exception as err:  # a worker process died: report it, grade the rest
+                issues.append(Issue("error", "*", f"grading process failed: {err!r}"))
+                continue
+            if not outcome.success:
+                detail = f"nbgrader could not grade it: {outcome.message} (log: {outcome.log})"
+                issues.append(Issue("error", "*", detail))
+                shutil.rmtree(course.feedback / s.student / s.assignment, ignore_errors=True)
+            if outcome.feedback_error:
+                issues.append(Issue("error", "*", f"no feedback: {outcome.feedback_error}"))
+            verdict = "graded" if outcome.success else "FAILED"
+            progress(f"{s.student}/{s.assignment}: {verdict} in {outcome.seconds:.1f} s")
+    out: list[NotebookResult] = []
+    for s in staged:
+        run_issues = results.get((s.student, s.assignment), [])
+        if feedback and s.gradable:
+            run_issues += _check_feedback(course, s)
+        for name in s.notebooks:
+            issues = [i for i in s.issues if i.notebook == name]
+            graded = course.autograded / s.student / s.assignment / f"{name}.ipynb"
+            if name in s.gradable and graded.exists():
+                issues += execution_issues(graded, name)
+            issues += [i for i in run_issues if i.notebook in (name, "*")]
+            out.append(NotebookResult(s.student, s.assignment, name, issues))
+        for issue in s.issues:
+            if issue.kind == "extra":
+                warnings.append(f"{s.student}/{s.assignment}: {issue.detail}, ignored")
+    read_scores(course, out)
+    return out, warnings

@@ -1,0 +1,177 @@
+"""``release``: build ``notebooks/NN_name/`` from ``solutions/NN_name/`` with nbgrader.
+
+nbgrader's ``generate_assignment`` runs in a scratch copy of the course (its own gradebook), so
+releasing never touches the instructor's gradebook, and ``--check`` can rebuild and compare.
+The output is normalised so that it depends only on the solutions: no outputs, no execution
+counts, no run-time metadata, fixed JSON formatting. Saved artifacts (``*.pt`` ...) are not
+released.
+"""
+
+from __future__ import annotations
+
+import difflib
+import filecmp
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import nbformat
+from nbformat.notebooknode import NotebookNode
+
+from autograder.pipeline.coursedir import (
+    CONFIG_NAME,
+    Course,
+    CourseError,
+    is_artifact,
+    prepare_environment,
+    working_directory,
+)
+from autograder.pipeline.submissions import grade_id
+
+VOLATILE_CELL_METADATA = ("execution", "ExecuteTime", "collapsed", "scrolled", "trusted")
+VOLATILE_NOTEBOOK_METADATA = ("widgets", "toc", "varInspector")
+IGNORED_NAMES = (".ipynb_checkpoints", "__pycache__", ".DS_Store")
+
+
+def normalise(nb: NotebookNode) -> NotebookNode:
+    """Strip what changes from run to run: outputs, counts, timings, widget state."""
+    for key in VOLATILE_NOTEBOOK_METADATA:
+        nb.metadata.pop(key, None)
+    for cell in nb.cells:
+        for key in VOLATILE_CELL_METADATA:
+            cell.metadata.pop(key, None)
+        if cell.cell_type == "code":
+            cell.outputs = []
+            cell.execution_count = None
+    return nb
+
+
+def _released_files(folder: Path) -> list[Path]:
+    """The files of a generated assignment that belong in ``notebooks/``, relative paths."""
+    files = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_dir() or is_artifact(path) or set(relative.parts) & set(IGNORED_NAMES):
+            continue
+        files.append(relative)
+    return files
+
+
+def build(course: Course, assignments: Sequence[str], out: Path) -> None:
+    """Generate the student version of each assignment into ``out/<assignment>/``."""
+    from nbgrader.apps import NbGraderAPI
+
+    prepare_environment(course)
+    with tempfile.TemporaryDirectory(prefix="release-") as tmp:
+        scratch = Path(tmp)
+        shutil.copy(course.root / CONFIG_NAME, scratch / CONFIG_NAME)
+        for assignment in assignments:
+            shutil.copytree(
+                course.solutions / assignment,
+                scratch / "solutions" / assignment,
+                ignore=shutil.ignore_patterns(*IGNORED_NAMES),
+            )
+        stage = Course(scratch)
+        config = stage.config()
+        config.CourseDirectory.release_directory = "release"
+        with working_directory(scratch):
+            api = NbGraderAPI(config=config)
+            for assignment in assignments:
+                result = api.generate_assignment(assignment, force=True, create=True)
+                if not result["success"]:
+                    log = (result.get("log") or "") + (result.get("error") or "")
+                    raise CourseError(f"nbgrader could not generate {assignment}:\n{log.strip()}")
+        for assignment in assignments:
+            generated = scratch / "release" / assignment
+            target = out / assignment
+            if target.exists():
+                shutil.rmtree(target)
+            for relative in _released_files(generated):
+                dest = target / relative
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if relative.suffix == ".ipynb":
+                    nb = normalise(nbformat.read(generated / relative, as_version=4))
+                    nbformat.write(nb, dest)
+                else:
+                    shutil.copy(generated / relative, dest)
+
+
+def _describe_notebook_change(old: Path, new: Path) -> str:
+    """Which cells differ between two versions of a released notebook."""
+    try:
+        before = nbformat.read(old, as_version=4).cells
+        after = nbformat.read(new, as_version=4).cells
+    except Exception as err:  # a hand-broken committed notebook is itself the finding
+        return f"unreadable ({type(err).__name__})"
+
+    def key(cell: NotebookNode, index: int) -> str:
+        return grade_id(cell) or cell.get("id") or f"#{index}"
+
+    old_cells = {key(c, i): c for i, c in enumerate(before)}
+    new_cells = {key(c, i): c for i, c in enumerate(after)}
+    changed = [k for k in new_cells if k in old_cells and new_cells[k] != old_cells[k]]
+    added = [k for k in new_cells if k not in old_cells]
+    removed = [k for k in old_cells if k not in new_cells]
+    parts = []
+    for label, keys in (("changed", changed), ("added", added), ("removed", removed)):
+        if keys:
+            shown = ", ".join(keys[:5]) + (" ..." if len(keys) > 5 else "")
+            parts.append(f"{len(keys)} cell(s) {label}: {shown}")
+    if not parts:
+        diff = difflib.unified_diff(
+            old.read_text().splitlines(), new.read_text().splitlines(), lineterm="", n=0
+        )
+        changes = (line for line in diff if line[:1] in "+-" and line[:3] not in ("+++", "---"))
+        first = next(changes, "")
+        parts.append(f"formatting differs (first change: {first.strip()[:80]!r})")
+    return "; ".join(parts)
+
+
+def compare(expected: Path, actual: Path, assignments: Sequence[str]) -> list[str]:
+    """Differences between a fresh build (``expected``) and ``actual``, one line per file."""
+    problems = []
+    for assignment in assignments:
+        want = set(_released_files(expected / assignment))
+        have = (
+            set(_released_files(actual / assignment)) if (actual / assignment).is_dir() else set()
+        )
+        for relative in sorted(want - have):
+            problems.append(f"missing: notebooks/{assignment}/{relative}")
+        for relative in sorted(have - want):
+            problems.append(f"not generated from solutions/: notebooks/{assignment}/{relative}")
+        for relative in sorted(want & have):
+            new, old = expected / assignment / relative, actual / assignment / relative
+            if filecmp.cmp(new, old, shallow=False):
+                continue
+            detail = (
+                _describe_notebook_change(old, new) if relative.suffix == ".ipynb" else "differs"
+            )
+            problems.append(f"stale: notebooks/{assignment}/{relative}: {detail}")
+    return problems
+
+
+def release(
+    course: Course, assignments: Sequence[str] | None = None, check: bool = False
+) -> list[str]:
+    """Write (or with ``check``, compare against) ``notebooks/``; returns the problems found.
+
+    Writing returns no problems. Checking returns one line per stale, missing or extra file.
+    """
+    selected = course.resolve(assignments)
+    if not check:
+        build(course, selected, course.notebooks)
+        return []
+    with tempfile.TemporaryDirectory(prefix="release-check-") as tmp:
+        build(course, selected, Path(tmp))
+        return compare(Path(tmp), course.notebooks, selected)
+
+
+def written_files(course: Course, assignments: Sequence[str]) -> list[str]:
+    """The released files, relative to the course root, for the command's summary."""
+    return [
+        os.path.join("notebooks", assignment, str(relative))
+        for assignment in assignments
+        for relative in _released_files(course.notebooks / assignment)
+    ]

@@ -1,0 +1,209 @@
+"""Check and repair what a student handed in, before nbgrader sees it.
+
+nbgrader aborts a whole submission on some tampering and scores it 0 without a word. Each
+problem found here becomes an :class:`Issue` on the student's report line, and the submission is
+repaired so the rest of it is still graded:
+
+- missing notebook: nbgrader scores it 0 (an empty assignment folder is recorded as 0 here);
+- malformed JSON (or not a notebook): the file is left out, so it counts as missing;
+- a graded or read-only cell copied (duplicate ``grade_id``): the last copy stays graded, as
+  nbgrader intends, the others become ordinary cells (stock nbgrader crashes on them);
+- duplicate cell ids (hand-edited JSON): renumbered;
+- nbgrader metadata nbgrader would reject (hand-edited): removed, the cell runs as an ordinary
+  one (and if it was a graded cell, the release's copy is put back, below);
+- a graded, solution or read-only cell deleted: put back from the release (a solution cell as
+  its stub), where it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+from nbformat.notebooknode import NotebookNode
+from nbgrader.nbgraderformat import MetadataValidator
+
+from autograder.pipeline.coursedir import Course
+
+_QUIET = logging.getLogger(__name__)
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem with one notebook of a submission."""
+
+    kind: str
+    """``missing``, ``malformed``, ``metadata``, ``duplicate``, ``deleted``, ``crash``, ``hang``,
+    ``timeout``, ``error`` or ``extra``."""
+    notebook: str
+    detail: str
+
+
+@dataclass
+class Staged:
+    """A submission copied into ``submitted/<student>/<assignment>/`` and repaired."""
+
+    student: str
+    assignment: str
+    notebooks: list[str]
+    """Expected notebook names (without ``.ipynb``)."""
+    issues: list[Issue] = field(default_factory=list)
+    gradable: list[str] = field(default_factory=list)
+    """The expected notebooks that are present and readable; nbgrader grades these."""
+
+
+def grade_id(cell: NotebookNode) -> str | None:
+    """The nbgrader ``grade_id`` of ``cell``, or None for an ordinary cell."""
+    meta = cell.get("metadata", {}).get("nbgrader", {})
+    if meta.get("grade") or meta.get("solution") or meta.get("locked") or meta.get("task"):
+        return meta.get("grade_id")
+    return None
+
+
+def cell_label(cell: NotebookNode, index: int) -> str:
+    """How a report names a cell: ``cell 7 ('test_square')`` or ``cell 7 ('import os')``."""
+    gid = grade_id(cell)
+    if gid:
+        return f"cell {index} ({gid!r})"
+    first = next((line for line in cell.source.splitlines() if line.strip()), "")
+    return f"cell {index} ({first[:40]!r})"
+
+
+def read_notebook(path: Path) -> tuple[NotebookNode | None, str]:
+    """The notebook at ``path``, or None and the reason it cannot be graded."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return None, f"not valid JSON ({err})"
+    if not isinstance(raw, dict) or not isinstance(raw.get("cells"), list):
+        return None, "JSON but not a notebook (no 'cells' list)"
+    try:
+        return nbformat.reads(json.dumps(raw), as_version=4), ""
+    except Exception as err:  # nbformat raises several types for broken notebooks
+        return None, f"not a readable notebook ({type(err).__name__}: {err})"
+
+
+def _drop_broken_metadata(nb: NotebookNode, name: str) -> list[Issue]:
+    """Make cells whose nbgrader metadata nbgrader would reject ordinary cells."""
+    validator = MetadataValidator()
+    validator.log = _QUIET
+    issues = []
+    for index, cell in enumerate(nb.cells):
+        if "nbgrader" not in cell.get("metadata", {}):
+            continue
+        try:
+            validator.validate_cell(cell)
+        except Exception as err:  # nbgrader raises ValidationError, KeyError, schema errors
+            del cell.metadata["nbgrader"]
+            detail = (
+                f"cell {index} had broken nbgrader metadata ({type(err).__name__}); "
+                "it runs as an ordinary cell"
+            )
+            issues.append(Issue("metadata", name, detail))
+    return issues
+
+
+def _repair_duplicates(nb: NotebookNode, name: str) -> list[Issue]:
+    """Un-grade all but the last copy of each ``grade_id``; renumber duplicate cell ids."""
+    issues = []
+    counts = Counter(gid for cell in nb.cells if (gid := grade_id(cell)))
+    for gid, count in sorted(counts.items()):
+        if count < 2:
+            continue
+        copies = [i for i, cell in enumerate(nb.cells) if grade_id(cell) == gid]
+        for i in copies[:-1]:
+            del nb.cells[i].metadata["nbgrader"]
+            nb.cells[i].metadata.pop("deletable", None)
+            nb.cells[i].metadata.pop("editable", None)
+        issues.append(
+            Issue(
+                "duplicate",
+                name,
+                f"graded cell {gid!r} appears {count} times (cells {', '.join(map(str, copies))});"
+                f" graded cell {copies[-1]}, the other copies run as ordinary cells",
+            )
+        )
+    seen: set[str] = set()
+    for i, cell in enumerate(nb.cells):
+        cell_id = cell.get("id")
+        if cell_id is not None and cell_id in seen:
+            cell.id = f"{cell_id}-{i}"
+        if cell_id is not None:
+            seen.add(cell.id)
+    return issues
+
+
+def _restore_deleted(nb: NotebookNode, release: NotebookNode, name: str) -> list[Issue]:
+    """Put back every nbgrader cell of ``release`` that ``nb`` lacks, after its predecessor.
+
+    nbgrader's own ``add_missing_cells`` restores graded cells only, and aborts the submission
+    when the cell before a deleted one is a read-only or deleted cell; this restores every kind,
+    in release order, from the release the gradebook was built with.
+    """
+    issues = []
+    for index, cell in enumerate(release.cells):
+        gid = grade_id(cell)
+        present = [i for i, c in enumerate(nb.cells) if grade_id(c) is not None]
+        ids = {grade_id(nb.cells[i]): i for i in present}
+        if gid is None or gid in ids:
+            continue
+        before = [grade_id(c) for c in release.cells[:index] if grade_id(c) in ids]
+        position = ids[before[-1]] + 1 if before else 0
+        nb.cells.insert(position, copy.deepcopy(cell))
+        meta = cell.metadata["nbgrader"]
+        if meta.get("grade"):
+            detail = f"graded cell {gid!r} was deleted; restored from the release and graded"
+        elif meta.get("solution"):
+            detail = f"solution cell {gid!r} was deleted; restored as the empty stub"
+        else:
+            detail = f"read-only cell {gid!r} was deleted; restored from the release"
+        issues.append(Issue("deleted", name, detail))
+    return issues
+
+
+def stage(
+    course: Course, release: Path, source_dir: Path | None, student: str, assignment: str
+) -> Staged:
+    """Copy ``source_dir`` to ``submitted/<student>/<assignment>/``, check it and repair it.
+
+    ``release`` holds ``<assignment>/<notebook>.ipynb`` as generated for the current gradebook;
+    ``source_dir`` None means the student handed in nothing for ``assignment``.
+    """
+    sources = {p.stem: p for p in course.source_notebooks(assignment)}
+    staged = Staged(student, assignment, sorted(sources))
+    dest = course.submitted / student / assignment
+    if dest.exists():
+        shutil.rmtree(dest)
+    if source_dir is None:
+        for name in staged.notebooks:
+            staged.issues.append(Issue("missing", name, f"no {assignment}/ folder handed in"))
+        return staged
+    shutil.copytree(source_dir, dest, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    for extra in sorted(set(p.stem for p in dest.glob("*.ipynb")) - set(sources)):
+        staged.issues.append(Issue("extra", extra, f"{extra}.ipynb is not part of the assignment"))
+    for name in staged.notebooks:
+        path = dest / f"{name}.ipynb"
+        if not path.exists():
+            staged.issues.append(Issue("missing", name, f"{name}.ipynb was not handed in"))
+            continue
+        nb, reason = read_notebook(path)
+        if nb is None:
+            path.unlink()
+            staged.issues.append(Issue("malformed", name, f"{name}.ipynb is {reason}"))
+            continue
+        released = nbformat.read(release / assignment / f"{name}.ipynb", as_version=4)
+        repairs = _drop_broken_metadata(nb, name) + _repair_duplicates(nb, name)
+        repairs += _restore_deleted(nb, released, name)
+        staged.issues += repairs
+        if repairs:
+            nbformat.write(nb, path)
+        staged.gradable.append(name)
+    return staged

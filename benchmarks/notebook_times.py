@@ -1,0 +1,115 @@
+"""Time the solution notebooks with nbclient: a student's run, then a graded run.
+
+``python -m benchmarks.notebook_times [00 01 02] [--write]`` executes each notebook in a scratch
+folder twice — as a student would (training, saving ``prompt.pt`` / ``prefix.pt``) and as
+nbgrader's autograde kernel would (``NBGRADER_EXECUTION=autograde``, artifacts present) — and
+prints a table: wall time (kernel start included), the kernel's CPU time, the slowest cell, the
+slowest graded cell and the kernel's peak memory. ``--write`` also records it in
+``benchmarks/RESULTS.md``. These are the numbers behind each notebook's "Budget" line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+from benchmarks.common import machine_description, write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+USAGE = (
+    "import resource\n"
+    "r = resource.getrusage(resource.RUSAGE_SELF)\n"
+    "print('USAGE', r.ru_maxrss / 1024, r.ru_utime + r.ru_stime)"
+)
+
+
+def _seconds(cell) -> float:
+    ex = cell.metadata.get("execution", {})
+    if "shell.execute_reply" not in ex:
+        return 0.0
+    parse = lambda s: datetime.fromisoformat(s.replace("Z", "+00:00"))  # noqa: E731
+    return (parse(ex["shell.execute_reply"]) - parse(ex["iopub.execute_input"])).total_seconds()
+
+
+def run(path: Path, workdir: Path, grading: bool) -> dict:
+    """Execute ``path`` in ``workdir``; return timings and peak memory (errors raise)."""
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(USAGE))
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("NBGRADER_EXECUTION", None)
+    if grading:
+        env["NBGRADER_EXECUTION"] = "autograde"
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        start = time.perf_counter()
+        NotebookClient(
+            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+        ).execute()
+        wall = time.perf_counter() - start
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    graded = [c for c in code if c.metadata.get("nbgrader", {}).get("grade")]
+    text = "".join(o.get("text", "") for o in code[-1].outputs if o.get("output_type") == "stream")
+    found = re.search(r"USAGE ([\d.]+) ([\d.]+)", text)
+    if found is None:
+        raise RuntimeError(f"the usage cell printed {text!r}")
+    peak, cpu = float(found.group(1)), float(found.group(2))
+    return {
+        "wall": wall,
+        "slowest": max(_seconds(c) for c in code),
+        "slowest_graded": max((_seconds(c) for c in graded), default=0.0),
+        "peak_mb": peak,
+        "kernel_cpu": cpu,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("notebooks", nargs="*", default=["00", "01", "02"])
+    parser.add_argument("--write", action="store_true", help="record in benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    rows = [
+        "| notebook | run | wall (s) | kernel CPU (s) | slowest cell (s) "
+        "| slowest graded cell (s) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key in args.notebooks:
+        (path,) = sorted((ROOT / "solutions").glob(f"{key}_*/{key}_*.ipynb"))
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp) / path.parent.name
+            work.mkdir()
+            shutil.copy(path, work)
+            for mode, grading in (("student", False), ("graded, artifacts present", True)):
+                r = run(work / path.name, work, grading)
+                rows.append(
+                    f"| {path.stem} | {mode} | {r['wall']:.1f} | {r['kernel_cpu']:.1f} | "
+                    f"{r['slowest']:.1f} | {r['slowest_graded']:.1f} | {r['peak_mb']:.0f} |"
+                )
+                print(rows[-1], flush=True)
+    load = os.getloadavg()[0]
+    body = (
+        "\n".join(rows)
+        + f"\n\nMachine: {machine_description()}; load average {load:.1f} at the end. Wall "
+        "time grows with other load on the machine; the kernel's CPU time (one torch thread "
+        "with the tiny LM) does not, and is close to the wall time on an idle machine."
+    )
+    print(body)
+    if args.write:
+        write_section("Notebook execution times", "python -m benchmarks.notebook_times", body)
+
+
+if __name__ == "__main__":
+    main()

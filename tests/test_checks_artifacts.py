@@ -1,0 +1,106 @@
+"""The graded-artifact checks (notebooks 01 and 02) and the hidden multiple-choice check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import course
+from autograder import answers, reference
+from autograder.checks import artifacts, quiz
+from course.data import get_task
+
+N = 6
+
+
+def _reference_scores(model, tok, forward, task_name="data_to_text"):
+    task = get_task(task_name)
+    examples = task.examples("test", N)
+    out = course.evaluate(task, forward, tok, examples, show_progress=False)
+    return {k: v for k, v in out.items() if k != "predictions"}
+
+
+def test_prompt_artifact_scores_like_the_reference_forward(tiny_lm):
+    model, tok = tiny_lm
+    prompt = reference.SoftPrompt(4, model.get_input_embeddings(), init="vocab", seed=1)
+    p = prompt.n_tokens
+
+    def forward(ids, mask):
+        return reference.prompt_forward(model, prompt, ids, mask).logits[:, p:]
+
+    got = artifacts.prompt_artifact_scores(prompt, model, n=N)
+    assert got == pytest.approx(_reference_scores(model, tok, forward))
+
+
+def test_prefix_artifact_scores_like_the_reference_forward(tiny_lm):
+    model, tok = tiny_lm
+    encoder = reference.PrefixEncoder(model.config, 3, init_std=0.5, seed=1)
+
+    def forward(ids, mask):
+        return reference.prefix_forward(model, encoder, ids, mask).logits
+
+    got = artifacts.prefix_artifact_scores(encoder, model, n=N)
+    assert got == pytest.approx(_reference_scores(model, tok, forward))
+
+
+def test_an_untrained_prompt_or_prefix_fails_with_its_score(tiny_lm):
+    model, _ = tiny_lm
+    prompt = reference.SoftPrompt(4, model.get_input_embeddings())
+    with pytest.raises(AssertionError, match=r"scores slot_accuracy .* expected at least 99"):
+        artifacts.check_prompt_artifact(prompt, model, threshold=99, n=N)
+    encoder = reference.PrefixEncoder(model.config, 3)
+    with pytest.raises(
+        AssertionError, match=r"trained prefix scores slot_accuracy .*\(prefix\.pt\)"
+    ):
+        artifacts.check_prefix_artifact(encoder, model, threshold=99, n=N)
+    assert artifacts.check_prompt_artifact(prompt, model, threshold=0, n=N) is None
+
+
+def test_artifacts_for_another_backbone_are_refused(tiny_lm):
+    model, _ = tiny_lm
+    d = model.get_input_embeddings().weight.shape[1]
+
+    class Wide(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(4, d + 1))
+
+    with pytest.raises(AssertionError, match="trained on another backbone"):
+        artifacts.check_prompt_artifact(Wide(), model, threshold=0, n=N)
+    wrong = reference.PrefixEncoder(model.config, 3)
+    wrong.prefix = torch.nn.Parameter(wrong.prefix[:, :, :, :, :-1].detach())
+    with pytest.raises(AssertionError, match="for this backbone"):
+        artifacts.check_prefix_artifact(wrong, model, threshold=0, n=N)
+
+
+def test_the_artifact_check_uses_a_fresh_backbone(tiny_lm):
+    """A backbone changed in the kernel cannot raise the artifact's score."""
+    model, _ = tiny_lm
+    prompt = reference.SoftPrompt(4, model.get_input_embeddings(), init="vocab", seed=1)
+    before = artifacts.prompt_artifact_scores(prompt, model, n=N)
+    saved = model.lm_head.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(0)
+        assert artifacts.prompt_artifact_scores(prompt, model, n=N) == before
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight.copy_(saved)
+
+
+def test_quiz_reads_the_keys_from_disk(monkeypatch):
+    qid = next(iter(answers.KEYS))
+    right = next(a for a in "abcd" if answers.is_correct(qid, a))
+    quiz.check_answer(qid, right)
+    quiz.check_answer(qid, f" {right.upper()} ")
+    wrong = next(a for a in "abcd" if a != right)
+    with pytest.raises(AssertionError, match="is not the answer"):
+        quiz.check_answer(qid, wrong)
+    with pytest.raises(AssertionError, match="no answer given"):
+        quiz.check_answer(qid, None)
+    with pytest.raises(AssertionError, match="no answer key"):
+        quiz.check_answer("nb99_q9", "a")
+    monkeypatch.setattr(answers, "make_key", lambda *a: "same")
+    monkeypatch.setattr(answers, "KEYS", {qid: "same"})
+    with pytest.raises(AssertionError, match="is not the answer"):
+        quiz.check_answer(qid, wrong)

@@ -1,0 +1,163 @@
+"""The solution notebooks: well-formed nbgrader sources, and they run top to bottom offline.
+
+Structure tests are fast. Execution tests (marked ``notebooks``) run each notebook with
+nbclient on the CPU with the bundled tiny LM, in a scratch folder: once as a student would
+(training, writing ``prompt.pt`` / ``prefix.pt``), then again as nbgrader's autograde kernel
+does (``NBGRADER_EXECUTION=autograde``), which must load those artifacts instead of training.
+Graded cells must write nothing to stderr in either run (nbgrader would score them 0).
+Timings are measured by ``benchmarks/``, never asserted here; the per-cell timeout only stops a
+hung run.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "solutions").glob("0[0-2]_*/0[0-2]_*.ipynb"))
+ARTIFACTS = {"01_prompt_tuning": "prompt.pt", "02_prefix_tuning": "prefix.pt"}
+CELL_TIMEOUT_S = 300
+
+
+def _nbgrader(cell) -> dict:
+    return cell.metadata.get("nbgrader", {})
+
+
+@pytest.fixture(params=NOTEBOOKS, ids=lambda p: p.stem)
+def notebook(request) -> tuple[Path, nbformat.NotebookNode]:
+    return request.param, nbformat.read(request.param, as_version=4)
+
+
+def test_all_three_notebooks_exist():
+    assert [p.stem for p in NOTEBOOKS] == [
+        "00_backbone_tour",
+        "01_prompt_tuning",
+        "02_prefix_tuning",
+    ]
+
+
+def test_saved_without_outputs(notebook):
+    path, nb = notebook
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{path.name} cell {i} has outputs"
+            assert cell.execution_count is None, f"{path.name} cell {i} has an execution count"
+    nbformat.validate(nb)
+
+
+def test_grade_ids_unique_and_cells_marked(notebook):
+    path, nb = notebook
+    ids = [_nbgrader(c)["grade_id"] for c in nb.cells if _nbgrader(c)]
+    assert len(ids) == len(set(ids)), f"duplicate grade_id in {path.name}"
+    for cell in nb.cells:
+        meta = _nbgrader(cell)
+        if not meta:
+            continue
+        gid = meta["grade_id"]
+        if meta.get("solution") and cell.cell_type == "code":
+            assert "### BEGIN SOLUTION" in cell.source and "### END SOLUTION" in cell.source, gid
+        if meta.get("grade") and cell.cell_type == "code":
+            assert meta.get("locked"), f"{gid}: test cells must be locked"
+            assert meta.get("points", 0) > 0, f"{gid}: a test cell without points"
+            assert re.search(r"\bcheck_\w+\b", cell.source), f"{gid} calls no check by name"
+        if meta.get("grade") and cell.cell_type == "markdown":
+            assert meta.get("solution"), f"{gid}: a manually graded answer must be a solution cell"
+
+
+def test_every_visible_check_has_a_hidden_twin(notebook):
+    """Each check a visible cell runs through selfcheck.run is also run by a hidden test via
+    guard.fresh, so a student cannot pass by replacing the check in the kernel."""
+    path, nb = notebook
+    visible, hidden = set(), set()
+    for cell in nb.cells:
+        if not _nbgrader(cell).get("grade") or cell.cell_type != "code":
+            continue
+        src = cell.source
+        visible |= set(re.findall(r"selfcheck\.run\(\s*checks\.\w+\.(check_\w+)", src))
+        for part in re.findall(r"BEGIN HIDDEN TESTS(.*?)END HIDDEN TESTS", src, re.S):
+            hidden |= set(re.findall(r"guard\.fresh\([^)]*\)\.(check_\w+)", part))
+    assert visible, path.name
+    assert visible <= hidden, f"{path.name}: no hidden test for {sorted(visible - hidden)}"
+
+
+def test_multiple_choice_keys_are_stored(notebook):
+    from autograder import answers
+
+    path, nb = notebook
+    questions = {
+        m for cell in nb.cells for m in re.findall(r'check_answer\("(nb\d\d_q\d+)"', cell.source)
+    }
+    assert questions, path.name
+    missing = sorted(q for q in questions if q not in answers.KEYS)
+    assert not missing, f"{path.name}: no answer key for {missing}"
+    for cell in nb.cells:
+        m = re.search(r'^(answer_q\d+) = "(\w)"$', cell.source, re.M)
+        if m and _nbgrader(cell).get("solution"):
+            qid = f"nb{path.stem[:2]}_{m.group(1).removeprefix('answer_')}"
+            assert answers.is_correct(qid, m.group(2)), (
+                f"{qid}: the key disagrees with the solution"
+            )
+
+
+# --- execution ------------------------------------------------------------------------------
+def _execute(nb_path: Path, workdir: Path) -> nbformat.NotebookNode:
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(nb_path, as_version=4)
+    client = NotebookClient(
+        nb,
+        timeout=CELL_TIMEOUT_S,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(workdir)}},
+    )
+    client.execute()
+    return nb
+
+
+def _stderr_in_graded_cells(nb: nbformat.NotebookNode) -> list[str]:
+    found = []
+    for cell in nb.cells:
+        if cell.cell_type == "code" and _nbgrader(cell).get("grade"):
+            for out in cell.outputs:
+                if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                    found.append(f"{_nbgrader(cell)['grade_id']}: {out['text'][:200]!r}")
+    return found
+
+
+def _text(nb: nbformat.NotebookNode) -> str:
+    return "\n".join(
+        out.get("text", "")
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.outputs
+        if out.get("output_type") == "stream"
+    )
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+@pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_then_grades_from_its_artifact(nb_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
+    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
+    work = tmp_path / nb_path.parent.name
+    work.mkdir()
+    shutil.copy(nb_path, work)
+
+    ran = _execute(work / nb_path.name, work)
+    assert not _stderr_in_graded_cells(ran), _stderr_in_graded_cells(ran)
+    artifact = ARTIFACTS.get(nb_path.stem)
+    if artifact:
+        assert (work / artifact).is_file(), f"{nb_path.name} did not save {artifact}"
+
+    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")
+    graded = _execute(work / nb_path.name, work)
+    assert not _stderr_in_graded_cells(graded), _stderr_in_graded_cells(graded)
+    if artifact:
+        assert f"graded run: loaded your trained {artifact}" in _text(graded)
