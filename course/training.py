@@ -55,9 +55,9 @@ def encode_examples(
 ) -> dict[str, torch.Tensor]:
     """Tokenise ``prompt + target + eos`` per example, right-padded.
 
-    Returns ``input_ids`` and ``attention_mask`` of shape ``(batch, seq)`` and ``labels`` of the same
-    shape with ``-100`` on prompt and padding positions, so the loss covers only the target and
-    its eos. With ``with_target=False`` only the prompts are encoded (for generation).
+    Returns ``input_ids`` and ``attention_mask`` of shape ``(batch, seq)`` and ``labels`` of
+    the same shape with ``-100`` on prompt and padding positions, so the loss covers only the
+    target and its eos. With ``with_target=False`` only the prompts are encoded (for generation).
     """
     if len(examples) == 0:
         raise ValueError("encode_examples needs at least one example")
