@@ -6,7 +6,7 @@ step time of the course's hand-written prefix tuning against PEFT PrefixTuning's
 (interleaved, so both see the same machine load). Prints a markdown table and writes it to
 benchmarks/RESULTS.md (section "methods").
 
-    python benchmarks/methods.py [--steps 400] [--n-eval 200] [--device cpu]
+    python -m benchmarks.methods [--steps 400] [--n-eval 200] [--device cpu]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from autograder.reference import (
     SoftPrompt,
     count_trainable,
     freeze_backbone,
+    generate_with_prefix,
     prefix_forward,
     prefix_to_peft_weights,
     prepend_prompt,
@@ -38,6 +39,11 @@ LR = {"prompt": 3e-2, "prefix": 3e-2, "prefix_reparam": 1e-3, "full": 1e-3}
 def _run(name, model, tok, task, train_set, val_set, steps, seed, device):
     """Train one method from a fresh backbone; return its row."""
     total = sum(p.numel() for p in model.parameters())
+    greedy = {
+        "do_sample": False,
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+    }
     if name == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -48,8 +54,9 @@ def _run(name, model, tok, task, train_set, val_set, steps, seed, device):
         def loss_fn(b):
             return model(**b).loss
 
-        def fwd(ids, mask):
-            return model(input_ids=ids, attention_mask=mask).logits
+        def gen(ids, mask, n):
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, **greedy)
+            return out[:, ids.shape[1] :]
     elif name == "prompt":
         freeze_backbone(model)
         prompt = SoftPrompt(10, model.get_input_embeddings(), init="vocab", seed=seed).to(device)
@@ -58,8 +65,10 @@ def _run(name, model, tok, task, train_set, val_set, steps, seed, device):
         def loss_fn(b):
             return model(**prepend_prompt(model, prompt, **b)).loss
 
-        def fwd(ids, mask):
-            return model(**prepend_prompt(model, prompt, ids, mask)).logits[:, prompt.n_tokens :]
+        def gen(ids, mask, n):  # with inputs_embeds, generate returns only the new tokens
+            return model.generate(
+                **prepend_prompt(model, prompt, ids, mask), max_new_tokens=n, **greedy
+            )
     else:
         freeze_backbone(model)
         reparam = name == "prefix_reparam"
@@ -70,8 +79,8 @@ def _run(name, model, tok, task, train_set, val_set, steps, seed, device):
         def loss_fn(b):
             return prefix_forward(model, enc, **b).loss
 
-        def fwd(ids, mask):
-            return prefix_forward(model, enc, ids, mask).logits
+        def gen(ids, mask, n):
+            return generate_with_prefix(model, enc, ids, mask, n, **greedy)
 
     data = batches(tok, train_set, 16, seed=seed, device=device)
     step_times: list[float] = []
@@ -83,7 +92,10 @@ def _run(name, model, tok, task, train_set, val_set, steps, seed, device):
     result = train(timed_loss, params, data, steps=steps, lr=LR[name], seed=seed, desc=name)
     gaps = [b - a for a, b in zip(step_times, step_times[1:])]
     model.eval()
-    scores = evaluate(task, fwd, tok, val_set, device=device, show_progress=False)
+    with torch.no_grad():
+        scores = evaluate(
+            task, None, tok, val_set, device=device, show_progress=False, generate=gen
+        )
     row = {
         "method": name,
         "trainable": n_train,
@@ -195,7 +207,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        write_section("methods", f"python benchmarks/methods.py --steps {args.steps}", table)
+        write_section("methods", f"python -m benchmarks.methods --steps {args.steps}", table)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ __all__ = [
     "TrainResult",
     "batches",
     "encode_examples",
+    "GenerateFn",
     "evaluate",
+    "generate_cached",
     "greedy_generate",
     "is_grading",
     "seed_everything",
@@ -268,19 +270,54 @@ def greedy_generate(
     return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in new_tokens]
 
 
+GenerateFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""``(input_ids, attention_mask, max_new_tokens) -> new token ids (B, <= max_new_tokens)``;
+inputs are LEFT-padded, as ``model.generate`` wants them."""
+
+
+@torch.no_grad()
+def generate_cached(
+    generate: GenerateFn,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    device: torch.device | str | None = None,
+) -> list[str]:
+    """Greedy continuations through ``generate`` (typically ``model.generate`` with a key/value
+    cache, so each new token costs one position, not the whole sequence)."""
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    if int(enc["attention_mask"].sum(1).min()) == 0:
+        raise ValueError("every prompt must have at least one token")
+    out = generate(enc["input_ids"].to(device), enc["attention_mask"].to(device), max_new_tokens)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out.cpu()]
+
+
 def evaluate(
     task,
-    forward: ForwardFn,
+    forward: ForwardFn | None,
     tokenizer,
     examples: Sequence,
     batch_size: int = 32,
     device: torch.device | str | None = None,
     show_progress: bool = True,
+    generate: GenerateFn | None = None,
 ) -> dict:
     """Generate for ``examples`` greedily and score with ``task.score``.
 
-    Returns the task's metrics plus ``"predictions"`` (the generated strings, in order).
+    Give either ``forward`` (right-padded ids and mask -> logits; the whole sequence is
+    recomputed for every new token: always correct, slow for long outputs) or ``generate``
+    (left-padded ids, mask, max_new_tokens -> new ids, e.g. ``model.generate`` with a cache:
+    fast). Returns the task's metrics plus ``"predictions"`` (the generated strings, in order).
     """
+    if (forward is None) == (generate is None):
+        raise ValueError("evaluate needs exactly one of forward= or generate=")
     predictions: list[str] = []
     chunks = range(0, len(examples), batch_size)
     bar = tqdm(
@@ -290,9 +327,12 @@ def evaluate(
         disable=_progress_disabled() or not show_progress,
     )
     for start in bar:
-        chunk = examples[start : start + batch_size]
-        predictions += greedy_generate(
-            forward, tokenizer, [ex.prompt for ex in chunk], task.max_new_tokens, device
-        )
+        prompts = [ex.prompt for ex in examples[start : start + batch_size]]
+        if generate is not None:
+            predictions += generate_cached(
+                generate, tokenizer, prompts, task.max_new_tokens, device
+            )
+        else:
+            predictions += greedy_generate(forward, tokenizer, prompts, task.max_new_tokens, device)
     metrics = task.score(predictions, list(examples))
     return {**metrics, "predictions": predictions}

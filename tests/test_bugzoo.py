@@ -56,7 +56,8 @@ def test_registry_is_well_formed() -> None:
         assert bug.replaces and set(bug.replaces) <= set(GRADED), bug.name
         assert bug.caught_by and set(bug.caught_by) <= set(CHECKS), bug.name
         assert bug.message_contains, bug.name
-        for check in bug.caught_by:
+        assert set(bug.also_fails) <= set(CHECKS) - set(bug.caught_by), bug.name
+        for check in bug.fails:
             assert set(bug.replaces) & set(CHECKS[check][1]), (bug.name, check)
     twins = {check for bug in BUGS.values() for check in bug.caught_by}
     assert twins == set(CHECKS), f"checks without a buggy twin: {set(CHECKS) - twins}"
@@ -74,6 +75,14 @@ def test_reference_passes(check: str) -> None:
 def test_bug_is_caught(bug: str, check: str) -> None:
     message = _failure(check, graded_objects(BUGS[bug]))
     assert BUGS[bug].message_contains in message, message
+
+
+@pytest.mark.parametrize(
+    ("bug", "check"), [(b.name, c) for b in BUGS.values() for c in b.also_fails]
+)
+def test_bug_also_fails(bug: str, check: str) -> None:
+    """The collateral failures ``verify`` expects are real (any message will do)."""
+    _failure(check, graded_objects(BUGS[bug]))
 
 
 @pytest.mark.parametrize("check", sorted(CHECKS))

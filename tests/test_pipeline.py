@@ -161,6 +161,14 @@ def graded_class(tmp_path_factory: pytest.TempPathFactory):
         not in ("setup", "square", "test_square", "explain")
     ]
     write(course, submissions, "deleted-more", ASSIGNMENT, {ASSIGNMENT: gutted})
+    # code beside the notebook would come first on the kernel's sys.path: it must be removed
+    shadow = write(course, submissions, "shadow", ASSIGNMENT, {ASSIGNMENT: done})
+    failing = (
+        "def check_square(f):\n    raise AssertionError('SHADOWED')\n\ncheck_cube = check_square\n"
+    )
+    (shadow / "fixturechecks.py").write_text(failing)
+    (shadow / "autograder").mkdir()
+    (shadow / "autograder" / "__init__.py").write_text("raise ImportError('SHADOWED')\n")
     classroom.make_fault_students(course, ASSIGNMENT, submissions)
     out = root / "grades.csv"
     run = cli(course, "grade", submissions, "--workers", "2", "--csv", out)
@@ -173,13 +181,18 @@ def test_every_student_is_graded_and_every_fault_reported(graded_class) -> None:
     _, run, rows = graded_class
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stderr == "", "grading noise belongs in .nbgrader/logs, not on stderr"
-    assert len(rows) == 5 + len(FAULT_STATUS)
+    assert len(rows) == 6 + len(FAULT_STATUS)
     assert float(rows["solution"]["score"]) == AUTO_POINTS
     assert rows["solution"]["status"] == "1 cell(s) to grade by hand"
     assert float(rows["blank"]["score"]) == 0
     assert float(rows["wrong-artifact"]["score"]) == AUTO_POINTS - 1
     assert float(rows["hidden-fail"]["score"]) == AUTO_POINTS - 2
     assert float(rows["deleted-more"]["score"]) == AUTO_POINTS - 2, "square is back as its stub"
+    assert float(rows["shadow"]["score"]) == AUTO_POINTS, rows["shadow"]
+    assert (
+        "removed code handed in beside the notebooks: autograder/, fixturechecks.py"
+        in (rows["shadow"]["status"])
+    )
     for restored in ("read-only cell 'setup'", "solution cell 'square'", "graded cell 'explain'"):
         assert restored in rows["deleted-more"]["status"]
     for student, status in FAULT_STATUS.items():

@@ -58,6 +58,9 @@ class Bug:
         replaces: graded object name -> its buggy version.
         caught_by: names of the checks (keys of ``autograder.checks.CHECKS``) that must fail.
         message_contains: a substring every one of those failure messages contains.
+        also_fails: further checks that fail on it as a consequence (a mask that is not
+            extended also breaks the equivalence with PEFT); they must fail too, with any
+            message, and ``autograder verify`` expects their cells to lose points as well.
     """
 
     name: str
@@ -66,6 +69,12 @@ class Bug:
     replaces: dict[str, object] = field(hash=False)
     caught_by: tuple[str, ...]
     message_contains: str
+    also_fails: tuple[str, ...] = ()
+
+    @property
+    def fails(self) -> tuple[str, ...]:
+        """Every check this bug fails: ``caught_by`` then ``also_fails``."""
+        return self.caught_by + self.also_fails
 
 
 def graded_objects(bug: Bug | None = None) -> dict[str, object]:

@@ -41,6 +41,7 @@ BUGS = [
         replaces={"freeze_backbone": freeze_decoder_only},
         caught_by=("check_freeze_backbone", "check_prompt_training"),
         message_contains="lm_head",
+        also_fails=("check_prefix_training",),
     ),
     Bug(
         name="freeze_skips_biases_and_norms",
@@ -52,6 +53,7 @@ BUGS = [
         replaces={"freeze_backbone": freeze_matrices_only},
         caught_by=("check_freeze_backbone", "check_prefix_training"),
         message_contains="requires_grad",
+        also_fails=("check_prompt_training",),
     ),
     Bug(
         name="backbone_never_frozen",

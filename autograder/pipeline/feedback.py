@@ -39,9 +39,18 @@ class HideHiddenTests(ClearHiddenTests):
         return cell, resources
 
 
+MIN_TELLING = 12
+"""Hidden lines shorter than this (``)``, ``model,``) say nothing and could match anywhere."""
+
+
 def hidden_lines(notebook: Path) -> list[str]:
-    """The non-blank lines inside hidden test regions of ``notebook`` (stripped)."""
-    lines: list[str] = []
+    """The lines of the hidden test regions of ``notebook`` that would give something away.
+
+    Stripped lines, at least :data:`MIN_TELLING` characters long, that do not also appear in the
+    notebook's visible code (a hidden call often repeats the visible check's arguments).
+    """
+    hidden: list[str] = []
+    visible: list[str] = []
     for cell in nbformat.read(notebook, as_version=4).cells:
         inside = False
         for line in cell.source.splitlines():
@@ -49,9 +58,12 @@ def hidden_lines(notebook: Path) -> list[str]:
                 inside = True
             elif END in line:
                 inside = False
-            elif inside and line.strip():
-                lines.append(line.strip())
-    return lines
+            elif inside:
+                hidden.append(line.strip())
+            else:
+                visible.append(line)
+    shown = "\n".join(visible)
+    return [line for line in hidden if len(line) >= MIN_TELLING and line not in shown]
 
 
 def leaked_hidden_lines(html_file: Path, hidden: list[str]) -> list[str]:

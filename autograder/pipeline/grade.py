@@ -287,7 +287,7 @@ def grade(
         if feedback and s.gradable:
             run_issues += _check_feedback(course, s)
         for name in s.notebooks:
-            issues = [i for i in s.issues if i.notebook == name]
+            issues = [i for i in s.issues if i.notebook in (name, "*")]
             graded = course.autograded / s.student / s.assignment / f"{name}.ipynb"
             if name in s.gradable and graded.exists():
                 issues += execution_issues(graded, name)

@@ -12,7 +12,11 @@ repaired so the rest of it is still graded:
 - nbgrader metadata nbgrader would reject (hand-edited): removed, the cell runs as an ordinary
   one (and if it was a graded cell, the release's copy is put back, below);
 - a graded, solution or read-only cell deleted: put back from the release (a solution cell as
-  its stub), where it was.
+  its stub), where it was;
+- importable code handed in beside the notebooks (``autograder/``, ``course/``, any ``*.py``,
+  compiled module or package): removed before grading. The kernel runs in the submission
+  folder, which comes first on ``sys.path``, so a folder called ``autograder`` would otherwise
+  replace the grader's own checks.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ class Issue:
 
     kind: str
     """``missing``, ``malformed``, ``metadata``, ``duplicate``, ``deleted``, ``crash``, ``hang``,
-    ``timeout``, ``error`` or ``extra``."""
+    ``timeout``, ``error``, ``extra`` or ``code``."""
     notebook: str
     detail: str
 
@@ -169,6 +173,29 @@ def _restore_deleted(nb: NotebookNode, release: NotebookNode, name: str) -> list
     return issues
 
 
+CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".so", ".pyd", ".pth")
+"""Files Python could import from (or run at start-up in) the kernel's working folder."""
+
+
+def strip_code(folder: Path) -> list[str]:
+    """Remove whatever in ``folder`` could shadow a module the grader imports; return the names.
+
+    Top-level modules, extension modules, ``.pth`` files, ``__pycache__`` and every folder that
+    is a regular package (has ``__init__.py``) or is named like one of our packages.
+    """
+    removed = []
+    for path in sorted(folder.iterdir()):
+        if path.is_dir() and not path.is_symlink():
+            package = (path / "__init__.py").exists() or path.name in ("autograder", "course")
+            if package or path.name == "__pycache__":
+                shutil.rmtree(path)
+                removed.append(f"{path.name}/")
+        elif path.suffix in CODE_SUFFIXES:
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
 def stage(
     course: Course, release: Path, source_dir: Path | None, student: str, assignment: str
 ) -> Staged:
@@ -187,6 +214,10 @@ def stage(
             staged.issues.append(Issue("missing", name, f"no {assignment}/ folder handed in"))
         return staged
     shutil.copytree(source_dir, dest, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    removed = strip_code(dest)
+    if removed:
+        detail = f"removed code handed in beside the notebooks: {', '.join(removed)}"
+        staged.issues.append(Issue("code", "*", detail))
     for extra in sorted(set(p.stem for p in dest.glob("*.ipynb")) - set(sources)):
         staged.issues.append(Issue("extra", extra, f"{extra}.ipynb is not part of the assignment"))
     for name in staged.notebooks:
