@@ -33,7 +33,10 @@ def machine_description(device: torch.device | str = "cpu") -> str:
         except OSError:
             pass
         hw = f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-    return f"{hw}; torch {torch.__version__}, transformers {transformers.__version__}"
+    load = ""
+    if dev.type == "cpu" and hasattr(os, "getloadavg"):
+        load = f", load average {os.getloadavg()[0]:.1f} when written"
+    return f"{hw}{load}; torch {torch.__version__}, transformers {transformers.__version__}"
 
 
 def write_section(name: str, command: str, body: str) -> None:

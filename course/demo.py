@@ -30,7 +30,13 @@ def run_demo(
     out=print,
 ) -> int:
     """Run the demo and print what changed; returns a process exit status."""
-    from autograder.reference import PrefixEncoder, count_trainable, freeze_backbone, prefix_forward
+    from autograder.reference import (
+        PrefixEncoder,
+        count_trainable,
+        freeze_backbone,
+        generate_with_prefix,
+        prefix_forward,
+    )
 
     torch.manual_seed(seed)
     model, tok = load_backbone(model_name, device=device)
@@ -45,10 +51,18 @@ def run_demo(
     before = {n: p.detach().clone() for n, p in model.state_dict().items()}
     total = sum(p.numel() for p in model.parameters())
 
-    def plain(ids, mask):
-        return model(input_ids=ids, attention_mask=mask).logits
+    greedy = {
+        "do_sample": False,
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+    }
 
-    base = evaluate(task, plain, tok, val_set, device=dev)
+    @torch.no_grad()
+    def plain(ids, mask, n):  # model.generate with its key/value cache
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, **greedy)
+        return out[:, ids.shape[1] :]
+
+    base = evaluate(task, None, tok, val_set, device=dev, generate=plain)
 
     encoder = PrefixEncoder(model.config, prefix_len, init_std=0.5, seed=seed).to(dev)
     n_train = count_trainable(encoder)
@@ -72,10 +86,11 @@ def run_demo(
     )
     seconds = time.perf_counter() - start
 
-    def with_prefix(ids, mask):
-        return prefix_forward(model, encoder, ids, mask).logits
+    @torch.no_grad()
+    def with_prefix(ids, mask, n):  # the prefix as the first P entries of every layer's cache
+        return generate_with_prefix(model, encoder, ids, mask, n, **greedy)
 
-    tuned = evaluate(task, with_prefix, tok, val_set, device=dev)
+    tuned = evaluate(task, None, tok, val_set, device=dev, generate=with_prefix)
     unchanged = all(torch.equal(before[n], p) for n, p in model.state_dict().items())
 
     out(f"trained in {seconds:.1f} s; loss {result.losses[0]:.3f} -> {result.final_loss:.3f}")

@@ -124,6 +124,23 @@ def test_evaluate_returns_metrics_and_predictions(tiny_lm):
     assert len(result["predictions"]) == 4
     assert 0.0 <= result["slot_accuracy"] <= 100.0
 
+    def generate(ids, mask, n):  # the cached path: model.generate on left-padded prompts
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        return out[:, ids.shape[1] :]
+
+    cached = evaluate(task, None, tok, val, batch_size=2, generate=generate)
+    assert cached["predictions"] == result["predictions"], "cached and recomputed greedy agree"
+    assert tok.padding_side == "right", "evaluate must restore the tokenizer's padding side"
+    with pytest.raises(ValueError, match="exactly one of"):
+        evaluate(task, forward, tok, val, generate=generate)
+
 
 def test_train_says_when_a_one_shot_iterator_runs_out():
     w = torch.nn.Parameter(torch.zeros(1))

@@ -1,0 +1,117 @@
+"""Autograding time per student, and how ``grade --workers`` scales.
+
+``python -m benchmarks.grading [--students 4] [--workers 1 2] [--assignment NN ...]`` builds a
+scratch copy of the course in ``.nbgrader/demo/`` (the real gradebook is untouched),
+gives the solution its saved artifacts (a solved run makes them once; they are cached in
+``.nbgrader/artifacts``), hands in the solved notebooks of every assignment for ``--students``
+students, and grades the class through nbgrader once per ``--workers`` value, each time with a
+fresh gradebook. Prints per-notebook autograde times (one student, all notebooks = one
+"submission"), the wall time per class and the speed-up, and writes the table to
+``benchmarks/RESULTS.md`` (section "grading") unless ``--no-write``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import time
+from collections import defaultdict
+
+from autograder.pipeline import classroom
+from autograder.pipeline.coursedir import REPO_ROOT, Course
+from autograder.pipeline.demo import _scratch
+from autograder.pipeline.grade import grade
+from autograder.pipeline.release import release
+from benchmarks.common import machine_description, write_section
+
+LINE = re.compile(r"^(?P<student>[^/]+)/(?P<assignment>\S+): graded in (?P<s>[\d.]+) s")
+
+
+def _class(course: Course, assignments: list[str], students: int):
+    """Scratch course and a submissions folder of ``students`` solved students."""
+    scratch = _scratch(course, assignments, timeout=120)
+    work = scratch.root.parent
+    submissions = work / "submissions"
+    for assignment in assignments:
+        classroom.make_artifacts(scratch, assignment, work / "run", course.state / "artifacts")
+        solved = {n: done for n, (_, done) in classroom.notebooks_of(scratch, assignment).items()}
+        for i in range(students):
+            classroom.write_submission(scratch, submissions, f"s{i:02d}", assignment, solved)
+    return scratch, submissions
+
+
+def _fresh_gradebook(scratch: Course) -> None:
+    for path in (scratch.state / "gradebook.db", scratch.autograded, scratch.feedback):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    shutil.rmtree(scratch.submitted, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--students", type=int, default=4)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--assignment", nargs="*", default=None)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    args = parser.parse_args()
+
+    course = Course.at(REPO_ROOT)
+    assignments = course.resolve(args.assignment)
+    release(course, assignments)
+    scratch, submissions = _class(course, assignments, args.students)
+    runs = {}
+    per_notebook: dict[str, list[float]] = defaultdict(list)
+    for workers in args.workers:
+        _fresh_gradebook(scratch)
+        lines: list[str] = []
+        start = time.perf_counter()
+        results, _ = grade(
+            scratch, submissions, assignments, workers=workers, progress=lines.append
+        )
+        wall = time.perf_counter() - start
+        failed = [f"{r.student}/{r.notebook}: {r.status}" for r in results if r.failed]
+        if failed:
+            raise SystemExit("grading failed:\n" + "\n".join(failed))
+        runs[workers] = wall
+        if workers == 1:
+            for line in lines:
+                if found := LINE.match(line):
+                    per_notebook[found["assignment"]].append(float(found["s"]))
+        print(f"{workers} worker(s): {wall:.1f} s for {args.students} students", flush=True)
+
+    out = [
+        f"Machine: {machine_description()}. {args.students} students, each handing in the solved "
+        f"notebooks of {len(assignments)} assignments with their saved artifacts (no "
+        "retraining); nbgrader autograde through `autograder.pipeline.grade`.",
+        "",
+        "| notebook | autograde time per student, median (s) |",
+        "|---|---:|",
+    ]
+    for assignment in assignments:
+        times = per_notebook.get(assignment, [])
+        shown = f"{statistics.median(times):.1f}" if times else "n/a"
+        out.append(f"| {assignment} | {shown} |")
+    if per_notebook:
+        one = sum(statistics.median(t) for t in per_notebook.values())
+        out.append(f"| **one whole submission** | **{one:.1f}** |")
+    out += [
+        "",
+        "| workers | class wall time (s) | per student (s) | speed-up |",
+        "|---:|---:|---:|---:|",
+    ]
+    base = runs[args.workers[0]]
+    for workers, wall in runs.items():
+        out.append(f"| {workers} | {wall:.1f} | {wall / args.students:.1f} | {base / wall:.2f}x |")
+    table = "\n".join(out)
+    print(table)
+    if not args.no_write:
+        command = f"python -m benchmarks.grading --students {args.students}"
+        write_section("grading", command, table)
+
+
+if __name__ == "__main__":
+    main()
