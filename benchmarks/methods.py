@@ -136,6 +136,24 @@ def _run(name, model, tok, task, train_set, val_set, steps, seed, device, eval_e
     return row
 
 
+@torch.no_grad()
+def untuned(task, val_set, device) -> dict:
+    """The frozen tiny LM without any adaptation, greedy on the same examples."""
+    model, tok = load_backbone("tiny", device=device)
+    model.eval()
+    greedy = {
+        "do_sample": False,
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+    }
+
+    def gen(ids, mask, n):
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, **greedy)
+        return out[:, ids.shape[1] :]
+
+    return evaluate(task, None, tok, val_set, device=device, show_progress=False, generate=gen)
+
+
 def peft_step_comparison(device, steps: int = 60, seed: int = 0) -> dict[str, float]:
     """Median step time: hand-written prefix vs PEFT PrefixTuning, same values, interleaved."""
     from peft import PrefixTuningConfig, get_peft_model
@@ -201,6 +219,7 @@ def main() -> None:
         rows.append(_run(name, model, tok, task, train_set, val_set, args.steps, args.seed, device))
         print(f"done: {name}", flush=True)
     cmp = peft_step_comparison(device, seed=args.seed)
+    baseline = untuned(task, val_set, device)
 
     lines = [
         f"Machine: {machine_description(device)}. Tiny LM, data-to-text, {args.steps} steps, "
@@ -216,6 +235,10 @@ def main() -> None:
             f"| {r['train_s']:.1f} | {r['slot']:.1f} | {r['bleu']:.1f} | {r['loss']:.3f} "
             f"| step {r['level_step']} ({r['level_s']:.0f} s) |"
         )
+    lines.append(
+        f"| frozen, untuned (for reference) | 0 | 0 | - | - | {baseline['slot_accuracy']:.1f} "
+        f"| {baseline['bleu']:.1f} | - | - |"
+    )
     reparam = next(r for r in rows if r["method"] == "prefix_reparam")
     ratio = cmp["ours_ms"] / cmp["peft_ms"]
     steps_seen = [step for step, _, _ in rows[0]["curve"]]
