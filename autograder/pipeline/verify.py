@@ -225,7 +225,8 @@ def verify(
     """Grade solution, blank and bug-zoo students of each assignment; compare with expectations.
 
     The scratch course (release, submissions, gradebook, autograded notebooks) is left in
-    ``.nbgrader/verify/`` for inspection and replaced by the next run.
+    ``.nbgrader/verify/<assignments>/`` for inspection and replaced by the next run of the same
+    selection.
     """
     selected = course.resolve(assignments)
     prepare_environment(course)
@@ -237,7 +238,8 @@ def verify(
         progress(
             f"skipping {skipped} bug(s) of notebooks not in solutions/: {', '.join(elsewhere)}"
         )
-    work = course.state / "verify"
+    # one folder per selection: two verify runs of different assignments must not share one
+    work = course.state / "verify" / "+".join(selected)
     if work.exists():
         shutil.rmtree(work)
     scratch = Course(work / "course")
