@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -729,7 +730,9 @@ def make_method(
             target_modules=lora_targets(model.config),
             fan_in_fan_out=gpt2,  # GPT-2's Conv1D stores its weight as (in, out)
         )
-        get_peft_model(model, config)  # injects the adapters into model's own modules
+        with warnings.catch_warnings():  # PEFT 0.21 calls a deprecated transformers 5.24 API
+            warnings.simplefilter("ignore")
+            get_peft_model(model, config)  # injects the adapters into model's own modules
         params = [p for n, p in model.named_parameters() if p.requires_grad]
         count = sum(p.numel() for p in params)
         return Method(name, params, plain_loss, plain_generate, count, count)

@@ -8,7 +8,7 @@ import pytest
 
 from autograder.bugzoo import BUGS, GRADED, graded_objects
 from autograder.bugzoo.stubs import STUBS
-from autograder.checks import CHECKS, get_check
+from autograder.checks import CHECKS, artifacts, get_check
 
 # The spec's required mistakes, by bug name.
 REQUIRED = {
@@ -52,11 +52,13 @@ def test_registry_is_well_formed() -> None:
     assert len(BUGS) >= 15
     assert REQUIRED <= set(BUGS), REQUIRED - set(BUGS)
     for bug in BUGS.values():
-        assert bug.notebook in {"01", "02", "04", "05"}, bug.name
+        assert bug.notebook in {"01", "02", "03", "04", "05"}, bug.name
         assert bug.replaces and set(bug.replaces) <= set(GRADED), bug.name
         assert bug.caught_by and set(bug.caught_by) <= set(CHECKS), bug.name
         assert bug.message_contains, bug.name
         assert set(bug.also_fails) <= set(CHECKS) - set(bug.caught_by), bug.name
+        notebook_checks = set(CHECKS) | {n for n in dir(artifacts) if n.startswith("check_")}
+        assert set(bug.downstream) <= notebook_checks - set(bug.fails), bug.name
         for check in bug.fails:
             assert set(bug.replaces) & set(CHECKS[check][1]), (bug.name, check)
     twins = {check for bug in BUGS.values() for check in bug.caught_by}

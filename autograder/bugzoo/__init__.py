@@ -42,8 +42,10 @@ GRADED: tuple[str, ...] = (
     "mixed_prefix_forward",
     "mixed_generate",
     "checkpoint_safe_prefix_forward",
+    "make_method",
+    "run_sweep",
 )
-"""The names of the objects students implement (notebooks 01, 02, 04 and 05)."""
+"""The names of the objects students implement (notebooks 01 to 05)."""
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,7 @@ class Bug:
     Attributes:
         name: registry key.
         description: what the student did wrong (and what it breaks).
-        notebook: the notebook whose graded objects it replaces (``"01"``, ``"02"``, ``"04"``,
-            ``"05"``).
+        notebook: the notebook whose graded objects it replaces (``"01"`` to ``"05"``).
         replaces: graded object name -> its buggy version.
         caught_by: names of the checks (keys of ``autograder.checks.CHECKS``) that must fail.
         message_contains: a substring every one of those failure messages contains.
@@ -70,10 +71,15 @@ class Bug:
     caught_by: tuple[str, ...]
     message_contains: str
     also_fails: tuple[str, ...] = ()
+    downstream: tuple[str, ...] = ()
+    """Checks that fail only INSIDE the notebook, where the student's other graded objects call
+    this one (their ``prefix_forward`` uses their ``build_prefix_cache``; their loaded prompt is
+    the one scored on the hidden split). The unit tests pair each check with the reference's
+    other objects, so they cannot show it; ``autograder verify`` does, through nbgrader."""
 
     @property
     def fails(self) -> tuple[str, ...]:
-        """Every check this bug fails: ``caught_by`` then ``also_fails``."""
+        """Every check this bug fails on its own: ``caught_by`` then ``also_fails``."""
         return self.caught_by + self.also_fails
 
 
@@ -86,7 +92,7 @@ def graded_objects(bug: Bug | None = None) -> dict[str, object]:
 
 
 def _registry() -> dict[str, Bug]:
-    from autograder.bugzoo import debugging, deep, frozen, prefix, prompt, serving
+    from autograder.bugzoo import debugging, deep, experiments, frozen, prefix, prompt, serving
 
     bugs: dict[str, Bug] = {}
     for bug in (
@@ -94,6 +100,7 @@ def _registry() -> dict[str, Bug]:
         *prompt.BUGS,
         *prefix.BUGS,
         *deep.BUGS,
+        *experiments.BUGS,
         *serving.BUGS,
         *debugging.BUGS,
     ):

@@ -385,6 +385,7 @@ BUGS = [
         replaces={"build_prefix_cache": cache_ignores_dtype},
         caught_by=("check_build_prefix_cache",),
         message_contains="torch.bfloat16",
+        downstream=("check_bf16",),
     ),
     Bug(
         name="cache_memoised",
@@ -393,6 +394,7 @@ BUGS = [
         replaces={"build_prefix_cache": cache_memoised},
         caught_by=("check_build_prefix_cache",),
         message_contains="NEW DynamicCache",
+        downstream=("check_prefix_forward", "check_prefix_training"),
     ),
     Bug(
         name="cache_positions_before_heads",
@@ -401,6 +403,13 @@ BUGS = [
         replaces={"build_prefix_cache": cache_positions_before_heads},
         caught_by=("check_build_prefix_cache",),
         message_contains="(B, H_kv, P, D)",
+        downstream=(
+            "check_bf16",
+            "check_generate_with_prefix",
+            "check_peft_equivalence",
+            "check_prefix_forward",
+            "check_prefix_training",
+        ),
     ),
     Bug(
         name="encoder_query_heads_under_gqa",

@@ -106,7 +106,7 @@ def prepend_as_kv_prefix(model, prompt, input_ids, attention_mask, labels=None):
     """Prompt tuning built as prefix tuning: the prompt vectors become every layer's
     keys/values (a cache) instead of input embeddings."""
     g = kv_geometry(model.config)
-    batch, n = input_ids.shape[0], prompt.n_tokens
+    batch, n = input_ids.shape[0], prompt.weight.shape[0]  # only what the notebook defines
     kv = prompt(batch).view(batch, n, g["n_kv_heads"], g["head_dim"]).transpose(1, 2)
     out = {
         "inputs_embeds": model.get_input_embeddings()(input_ids),
@@ -249,5 +249,6 @@ BUGS = [
         replaces={"load_prompt": load_prompt_reinitialised},
         caught_by=("check_save_load_prompt",),
         message_contains="differs from the saved one",
+        downstream=("check_prompt_artifact",),
     ),
 ]

@@ -107,6 +107,21 @@ def checkpoint_safe_prefix_forward(model, encoder, input_ids, attention_mask, la
     raise NotImplementedError()
 
 
+def make_method(
+    name, model, tok, length=10, init="vocab", init_text="", hidden=128, rank=4, init_std=0.5,
+    seed=0,
+):  # fmt: skip
+    # YOUR CODE HERE
+    raise NotImplementedError()
+
+
+def run_sweep(
+    configs, load, make_method, task, train_examples, eval_examples, steps, batch_size=8, seed=0
+):
+    # YOUR CODE HERE
+    raise NotImplementedError()
+
+
 STUBS: dict[str, object] = {
     "freeze_backbone": freeze_backbone,
     "SoftPrompt": SoftPrompt,
@@ -124,4 +139,6 @@ STUBS: dict[str, object] = {
     "mixed_prefix_forward": mixed_prefix_forward,
     "mixed_generate": mixed_generate,
     "checkpoint_safe_prefix_forward": checkpoint_safe_prefix_forward,
+    "make_method": make_method,
+    "run_sweep": run_sweep,
 }

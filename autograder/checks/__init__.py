@@ -10,6 +10,8 @@ with a message that says what was observed, what was expected and the likely mis
 * :mod:`~autograder.checks.prompt` — notebook 01, prompt tuning.
 * :mod:`~autograder.checks.prefix` — notebook 02, deep prefix tuning (key/value form).
 * :mod:`~autograder.checks.deep` — notebook 02, the hidden-state ("deep prompt") form.
+* :mod:`~autograder.checks.experiments` — notebook 03, every method behind one interface and
+  the equal-budget sweep harness.
 * :mod:`~autograder.checks.serving` — notebook 04, prefix files and mixed-tenant batches.
 * :mod:`~autograder.checks.debugging` — notebook 05, a prefix under gradient checkpointing.
 * :mod:`~autograder.checks.guard` — load a check module afresh and detect monkeypatching.
@@ -44,6 +46,9 @@ CHECKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "check_peft_equivalence": ("prefix", ("PrefixEncoder", "prefix_forward")),
     "check_bf16": ("prefix", ("prefix_forward", "PrefixEncoder")),
     "check_deep_prompt": ("deep", ("DeepPrompt", "deep_prompt_forward")),
+    "check_method_parameters": ("experiments", ("make_method",)),
+    "check_method_functions": ("experiments", ("make_method",)),
+    "check_run_sweep": ("experiments", ("run_sweep",)),
     "check_save_load_prefix": ("serving", ("save_prefix", "load_prefix")),
     "check_mixed_prefix_forward": ("serving", ("mixed_prefix_forward",)),
     "check_mixed_generate": ("serving", ("mixed_generate",)),

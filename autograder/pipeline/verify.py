@@ -6,9 +6,9 @@ In a scratch copy of the course (its own gradebook; the instructor's is untouche
 (b) each blank release (no artifacts) gets 0 on every autograded cell;
 (c) each bug-zoo entry, put into the solution (the cell that defines the graded object rebinds
     it to the buggy twin), loses exactly the cells that test it: the autograded cells whose
-    source names one of the checks the bug fails (``caught_by`` and ``also_fails``). A cell that
-    keeps its points is a false pass, any other cell that loses points a false fail; where the
-    bug gives ``message_contains``, a lost cell must show it.
+    source names one of the checks the bug fails (``caught_by``, ``also_fails``,
+    ``downstream``). A cell that keeps its points is a false pass, any other cell that loses
+    points a false fail; where the bug gives ``message_contains``, a lost cell must show it.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class Bug(Protocol):
     caught_by: Sequence[str]
     message_contains: str
     also_fails: Sequence[str]
+    downstream: Sequence[str]
 
 
 @dataclass
@@ -190,7 +191,8 @@ def _check(
             continue
         bug = bugs[result.student.removeprefix("bug-")]
         sources = test_cell_sources(course, assignment, result.notebook)
-        expected = cells_calling(sources, (*bug.caught_by, *getattr(bug, "also_fails", ())))
+        names = (*bug.caught_by, *getattr(bug, "also_fails", ()), *getattr(bug, "downstream", ()))
+        expected = cells_calling(sources, names)
         broken = solution_lost.get(result.notebook, set())
         lost = _lost(result) - broken
         row = Row(assignment, label, f"lose {_cells_text(expected)}", problems)

@@ -1,0 +1,186 @@
+"""Notebook 03 (experiments): a well-formed nbgrader source, and it runs top to bottom offline on
+the CPU.
+
+Structure tests are fast. The execution test (marked ``notebooks``) runs the notebook with
+nbclient and the bundled tiny LM in a scratch folder, as a student would (``NBGRADER_EXECUTION``
+unset: it runs the study and saves ``sweep.pt``), then once more as nbgrader's autograde kernel
+does, which must load ``sweep.pt`` instead of running the study again. No cell may fail and
+graded cells must write nothing to stderr. Timings are measured, never asserted.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "solutions" / "03_experiments" / "03_experiments.ipynb"
+TINY_LM = ROOT / "course" / "assets" / "tiny-lm" / "config.json"
+CELL_TIMEOUT_S = 300
+ARTIFACT_CHECKS = {"check_sweep_artifact"}  # take the saved study, not a graded object
+
+
+def _nbgrader(cell) -> dict:
+    return cell.metadata.get("nbgrader", {})
+
+
+@pytest.fixture(scope="module")
+def nb() -> nbformat.NotebookNode:
+    return nbformat.read(NOTEBOOK, as_version=4)
+
+
+def test_saved_without_outputs_and_valid(nb):
+    nbformat.validate(nb)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"cell {i} has outputs"
+            assert cell.execution_count is None, f"cell {i} has an execution count"
+    ids = [cell.get("id") for cell in nb.cells]
+    assert len(ids) == len(set(ids)), "duplicate cell ids"
+
+
+def test_grade_ids_unique_and_cells_marked(nb):
+    ids = [_nbgrader(c)["grade_id"] for c in nb.cells if _nbgrader(c)]
+    assert len(ids) == len(set(ids)), "duplicate grade_id"
+    for cell in nb.cells:
+        meta = _nbgrader(cell)
+        if not meta:
+            continue
+        gid = meta["grade_id"]
+        if meta.get("solution") and cell.cell_type == "code":
+            assert "### BEGIN SOLUTION" in cell.source and "### END SOLUTION" in cell.source, gid
+        if meta.get("grade") and cell.cell_type == "code":
+            assert meta.get("locked"), f"{gid}: test cells must be locked"
+            assert meta.get("points", 0) > 0, f"{gid}: a test cell without points"
+            assert re.search(r"\bcheck_\w+\b", cell.source), f"{gid} calls no check by name"
+        if meta.get("grade") and cell.cell_type == "markdown":
+            assert meta.get("solution"), f"{gid}: a manually graded answer must be a solution cell"
+
+
+def test_every_visible_check_has_a_hidden_twin(nb):
+    visible, hidden = set(), set()
+    for cell in nb.cells:
+        if not _nbgrader(cell).get("grade") or cell.cell_type != "code":
+            continue
+        visible |= set(re.findall(r"selfcheck\.run\(\s*checks\.\w+\.(check_\w+)", cell.source))
+        for part in re.findall(r"BEGIN HIDDEN TESTS(.*?)END HIDDEN TESTS", cell.source, re.S):
+            hidden |= set(re.findall(r"guard\.fresh\([^)]*\)\.(check_\w+)", part))
+    assert visible == {"check_method_parameters", "check_method_functions", "check_run_sweep"}
+    assert visible <= hidden, f"no hidden test for {sorted(visible - hidden)}"
+    assert ARTIFACT_CHECKS <= hidden
+
+
+def test_graded_checks_exist_and_take_the_notebooks_objects(nb):
+    from autograder.checks import CHECKS
+
+    defined = {
+        m for cell in nb.cells for m in re.findall(r"^(?:def|class) (\w+)", cell.source, re.M)
+    }
+    for cell in nb.cells:
+        if not _nbgrader(cell).get("grade") or cell.cell_type != "code":
+            continue
+        for check, args in re.findall(r"\.(check_\w+)\(\s*([^)]*)\)", cell.source):
+            if check == "check_answer" or check in ARTIFACT_CHECKS:
+                continue
+            assert check in CHECKS, f"{check} is not a registered check"
+            passed = [a.strip() for a in args.split(",") if a.strip()]
+            want = list(CHECKS[check][1])
+            assert passed[-len(want) :] == want, f"{check}({passed}) expects {want}"
+            assert set(want) <= defined, f"{check} needs {set(want) - defined}"
+
+
+def test_multiple_choice_keys_are_stored_and_agree(nb):
+    from autograder import answers
+
+    questions = {
+        m for cell in nb.cells for m in re.findall(r'check_answer\("(nb\d\d_q\d+)"', cell.source)
+    }
+    assert len(questions) == 5 and all(q.startswith("nb03_") for q in questions), questions
+    assert not sorted(q for q in questions if q not in answers.KEYS)
+    for cell in nb.cells:
+        if not _nbgrader(cell).get("solution") or cell.cell_type != "code":
+            continue
+        m = re.search(r"^(answer_q\d+) = (.+)$", cell.source, re.M)
+        if m:
+            qid = f"nb03_{m.group(1).removeprefix('answer_')}"
+            assert answers.is_correct(qid, eval(m.group(2))), f"{qid}: key disagrees"  # noqa: S307
+
+
+def test_budget_line_points_and_manual_answers_stated(nb):
+    intro = nb.cells[0].source
+    assert "**Budget.**" in intro and "GPU" in intro
+    graded = [c for c in nb.cells if _nbgrader(c).get("grade")]
+    auto = sum(
+        _nbgrader(c)["points"]
+        for c in graded
+        if c.cell_type == "code" and "check_answer" not in c.source
+    )
+    assert f"({auto} points)" in intro, f"the intro should state {auto} points of code"
+    manual = [c for c in graded if c.cell_type == "markdown"]
+    assert len(manual) == 2 and "2 short answers" in intro
+
+
+def test_published_numbers_are_labelled_as_theirs(nb):
+    """Every plot of published points is titled as theirs, with the paper and the table."""
+    source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    for table in ("Table 2", "Table 5"):
+        assert f"theirs: Li & Liang 2021, {table}" in source, table
+
+
+# --- execution ------------------------------------------------------------------------------
+def _execute(nb_path: Path, workdir: Path) -> nbformat.NotebookNode:
+    from nbclient import NotebookClient
+
+    executed = nbformat.read(nb_path, as_version=4)
+    NotebookClient(
+        executed, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+        resources={"metadata": {"path": str(workdir)}},
+    ).execute()  # fmt: skip
+    return executed
+
+
+def _stderr_in_graded_cells(executed: nbformat.NotebookNode) -> list[str]:
+    return [
+        f"{_nbgrader(cell)['grade_id']}: {out['text'][:200]!r}"
+        for cell in executed.cells
+        if cell.cell_type == "code" and _nbgrader(cell).get("grade")
+        for out in cell.outputs
+        if out.get("output_type") == "stream" and out.get("name") == "stderr"
+    ]
+
+
+def _stdout(executed: nbformat.NotebookNode) -> str:
+    return "\n".join(
+        out.get("text", "")
+        for cell in executed.cells
+        if cell.cell_type == "code"
+        for out in cell.outputs
+        if out.get("output_type") == "stream" and out.get("name") == "stdout"
+    )
+
+
+@pytest.mark.notebooks
+@pytest.mark.slow
+def test_experiments_notebook_runs_then_grades_from_its_study(tmp_path, monkeypatch):
+    if not TINY_LM.is_file():
+        pytest.skip("the bundled tiny LM (course/assets/tiny-lm) is not built yet")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
+    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
+    work = tmp_path / "03_experiments"
+    work.mkdir()
+    shutil.copy(NOTEBOOK, work)
+
+    ran = _execute(work / NOTEBOOK.name, work)
+    assert not _stderr_in_graded_cells(ran), _stderr_in_graded_cells(ran)
+    assert (work / "sweep.pt").is_file(), "the study was not saved"
+    assert re.search(r"your study: \d+ runs of \d+ steps", _stdout(ran)), _stdout(ran)[-500:]
+
+    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")
+    graded = _execute(work / NOTEBOOK.name, work)
+    assert not _stderr_in_graded_cells(graded), _stderr_in_graded_cells(graded)
+    assert "graded run: loaded your study from sweep.pt" in _stdout(graded)
