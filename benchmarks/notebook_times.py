@@ -1,11 +1,11 @@
 """Time the solution notebooks with nbclient: a student's run, then a graded run.
 
-``python -m benchmarks.notebook_times [00 01 02] [--write]`` executes each notebook in a scratch
-folder twice — as a student would (training, saving ``prompt.pt`` / ``prefix.pt``) and as
-nbgrader's autograde kernel would (``NBGRADER_EXECUTION=autograde``, artifacts present) — and
-prints a table: wall time (kernel start included), the kernel's CPU time, the slowest cell, the
-slowest graded cell and the kernel's peak memory. ``--write`` also records it in
-``benchmarks/RESULTS.md``. These are the numbers behind each notebook's "Budget" line.
+``python -m benchmarks.notebook_times [00 01 ...] [--write]`` executes each notebook (default:
+all of them) in a scratch folder twice: as a student would (training, saving ``prompt.pt``,
+``prefix.pt`` ...) and as nbgrader's autograde kernel would (``NBGRADER_EXECUTION=autograde``,
+artifacts present). It prints a table: wall time (kernel start included), the kernel's CPU
+time, the slowest cell, the slowest graded cell and the kernel's peak memory. ``--write`` also
+records it in ``benchmarks/RESULTS.md``. These are the numbers behind each notebook's "Budget".
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def run(path: Path, workdir: Path, grading: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("notebooks", nargs="*", default=["00", "01", "02"])
+    parser.add_argument("notebooks", nargs="*", default=["00", "01", "02", "03", "04", "05"])
     parser.add_argument("--write", action="store_true", help="record in benchmarks/RESULTS.md")
     args = parser.parse_args()
     rows = [
@@ -99,10 +99,8 @@ def main() -> None:
                     f"{r['slowest']:.1f} | {r['slowest_graded']:.1f} | {r['peak_mb']:.0f} |"
                 )
                 print(rows[-1], flush=True)
-    load = os.getloadavg()[0]
     body = (
-        "\n".join(rows)
-        + f"\n\nMachine: {machine_description()}; load average {load:.1f} at the end. Wall "
+        "\n".join(rows) + f"\n\nMachine: {machine_description()}. Wall "
         "time grows with other load on the machine; the kernel's CPU time (one torch thread "
         "with the tiny LM) does not, and is close to the wall time on an idle machine."
     )
