@@ -227,6 +227,29 @@ def test_regrade_keeps_manual_grades(graded_class, tmp_path: Path) -> None:
         assert gb.find_submission(ASSIGNMENT, "blank").score == 0, "other students are kept"
 
 
+def test_parallel_workers_grade_several_assignments_of_one_student(tmp_path: Path) -> None:
+    """Two autograders starting the same student's two assignments at once both used to insert
+    the student into the gradebook, and one failed (UNIQUE constraint failed: student.id)."""
+    course = make_course(tmp_path / "course")
+    second = course.solutions / "98_second"
+    second.mkdir()
+    shutil.copy(course.solutions / ASSIGNMENT / "answer.pt", second / "answer.pt")
+    shutil.copy(course.solutions / ASSIGNMENT / f"{ASSIGNMENT}.ipynb", second / "98_second.ipynb")
+    assert cli(course, "release").returncode == 0
+    submissions = tmp_path / "submissions"
+    for assignment in ("98_second", ASSIGNMENT):
+        ((_, done),) = classroom.notebooks_of(course, assignment).values()
+        for student in ("ann", "bob"):
+            classroom.write_submission(course, submissions, student, assignment, {assignment: done})
+    out = tmp_path / "grades.csv"
+    run = cli(course, "grade", submissions, "--workers", "2", "--csv", out)
+    assert run.returncode == 0, run.stdout + run.stderr
+    with out.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4
+    assert all(float(row["score"]) == AUTO_POINTS for row in rows), rows
+
+
 # --- verify ----------------------------------------------------------------------------------
 def test_verify_flags_false_passes_and_false_fails(tmp_path: Path) -> None:
     course = make_course(tmp_path / "course", artifact=False)

@@ -248,6 +248,11 @@ def grade(
     staged = [
         stage(course, release, folder, student, assignment) for student, assignment, folder in found
     ]
+    # Parallel autograders of one student's assignments would each insert the student into the
+    # gradebook and all but one fail (UNIQUE constraint failed: student.id): add them first.
+    with course.gradebook() as gb:
+        for student in sorted({s.student for s in staged}):
+            gb.update_or_create_student(student)
     results: dict[tuple[str, str], list[Issue]] = {}
     to_run = [s for s in staged if s.gradable]
     for s in staged:
