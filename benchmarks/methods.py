@@ -268,7 +268,8 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if not args.no_write:
-        write_section("methods", f"python -m benchmarks.methods --steps {args.steps}", table)
+        command = f"python -m benchmarks.methods --steps {args.steps} --n-eval {args.n_eval}"
+        write_section("methods", command, table)
 
 
 if __name__ == "__main__":
