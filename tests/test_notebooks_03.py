@@ -16,16 +16,15 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from notebook_tools import TINY_LM
+from notebook_tools import execute as _execute
+from notebook_tools import nbgrader as _nbgrader
+from notebook_tools import stderr_in_graded_cells as _stderr_in_graded_cells
+from notebook_tools import stdout as _stdout
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "solutions" / "03_experiments" / "03_experiments.ipynb"
-TINY_LM = ROOT / "course" / "assets" / "tiny-lm" / "config.json"
-CELL_TIMEOUT_S = 300
 ARTIFACT_CHECKS = {"check_sweep_artifact"}  # take the saved study, not a graded object
-
-
-def _nbgrader(cell) -> dict:
-    return cell.metadata.get("nbgrader", {})
 
 
 @pytest.fixture(scope="module")
@@ -132,35 +131,6 @@ def test_published_numbers_are_labelled_as_theirs(nb):
 
 
 # --- execution ------------------------------------------------------------------------------
-def _execute(nb_path: Path, workdir: Path) -> nbformat.NotebookNode:
-    from nbclient import NotebookClient
-
-    executed = nbformat.read(nb_path, as_version=4)
-    NotebookClient(
-        executed, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-        resources={"metadata": {"path": str(workdir)}},
-    ).execute()  # fmt: skip
-    return executed
-
-
-def _stderr_in_graded_cells(executed: nbformat.NotebookNode) -> list[str]:
-    return [
-        f"{_nbgrader(cell)['grade_id']}: {out['text'][:200]!r}"
-        for cell in executed.cells
-        if cell.cell_type == "code" and _nbgrader(cell).get("grade")
-        for out in cell.outputs
-        if out.get("output_type") == "stream" and out.get("name") == "stderr"
-    ]
-
-
-def _stdout(executed: nbformat.NotebookNode) -> str:
-    return "\n".join(
-        out.get("text", "")
-        for cell in executed.cells
-        if cell.cell_type == "code"
-        for out in cell.outputs
-        if out.get("output_type") == "stream" and out.get("name") == "stdout"
-    )
 
 
 @pytest.mark.notebooks

@@ -16,18 +16,17 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from notebook_tools import TINY_LM
+from notebook_tools import execute as _execute
+from notebook_tools import nbgrader as _nbgrader
+from notebook_tools import stderr_in_graded_cells as _stderr_in_graded_cells
+from notebook_tools import stdout as _stdout
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = {
     "04_serving": ROOT / "solutions" / "04_serving" / "04_serving.ipynb",
     "05_debugging": ROOT / "solutions" / "05_debugging" / "05_debugging.ipynb",
 }
-TINY_LM = ROOT / "course" / "assets" / "tiny-lm" / "config.json"
-CELL_TIMEOUT_S = 300
-
-
-def _nbgrader(cell) -> dict:
-    return cell.metadata.get("nbgrader", {})
 
 
 @pytest.fixture(params=sorted(NOTEBOOKS), ids=str)
@@ -130,35 +129,6 @@ def test_budget_line_and_points_stated(notebook):
 
 
 # --- execution ------------------------------------------------------------------------------
-def _execute(nb_path: Path, workdir: Path) -> nbformat.NotebookNode:
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(nb_path, as_version=4)
-    NotebookClient(
-        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-        resources={"metadata": {"path": str(workdir)}},
-    ).execute()  # fmt: skip
-    return nb
-
-
-def _stderr_in_graded_cells(nb: nbformat.NotebookNode) -> list[str]:
-    return [
-        f"{_nbgrader(cell)['grade_id']}: {out['text'][:200]!r}"
-        for cell in nb.cells
-        if cell.cell_type == "code" and _nbgrader(cell).get("grade")
-        for out in cell.outputs
-        if out.get("output_type") == "stream" and out.get("name") == "stderr"
-    ]
-
-
-def _stdout(nb: nbformat.NotebookNode) -> str:
-    return "\n".join(
-        out.get("text", "")
-        for cell in nb.cells
-        if cell.cell_type == "code"
-        for out in cell.outputs
-        if out.get("output_type") == "stream" and out.get("name") == "stdout"
-    )
 
 
 @pytest.fixture
