@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     grade = commands.add_parser("grade", help="autograde <student>/<assignment>/ folders")
     grade.add_argument("submissions", type=Path, help="folder of <student>/<assignment>/")
     grade.add_argument("--assignment", action="append", help="NN or NN_name (repeatable)")
-    grade.add_argument("--workers", type=int, default=1, help="parallel autograders")
+    grade.add_argument(
+        "--workers", type=int, default=2, help="parallel autograders (default: %(default)s)"
+    )
     grade.add_argument("--csv", type=Path, help="write one row per student and notebook")
     grade.add_argument("--no-feedback", action="store_true", help="skip the feedback HTML")
 

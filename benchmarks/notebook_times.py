@@ -3,8 +3,11 @@
 ``python -m benchmarks.notebook_times [00 01 ...] [--write]`` executes each notebook (default:
 all of them) in a scratch folder twice: as a student would (training, saving ``prompt.pt``,
 ``prefix.pt`` ...) and as nbgrader's autograde kernel would (``NBGRADER_EXECUTION=autograde``,
-artifacts present). It prints a table: wall time (kernel start included), the kernel's CPU
-time, the slowest cell, the slowest graded cell and the kernel's peak memory. ``--write`` also
+artifacts present), the latter twice: in a kernel started from scratch, and in a warm kernel
+forked from a process that has the course imported, as ``python -m autograder grade`` runs it
+(:mod:`autograder.pipeline.warm`; Linux). It prints a table: wall time (kernel start
+included), the kernel's CPU time, the slowest cell, the slowest graded cell and the kernel's
+peak memory. ``--write`` also
 records it in ``benchmarks/RESULTS.md``. These are the numbers behind each notebook's "Budget".
 """
 
@@ -22,6 +25,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from autograder.pipeline import warm
 from benchmarks.common import machine_description, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +44,7 @@ def _seconds(cell) -> float:
     return (parse(ex["shell.execute_reply"]) - parse(ex["iopub.execute_input"])).total_seconds()
 
 
-def run(path: Path, workdir: Path, grading: bool) -> dict:
+def run(path: Path, workdir: Path, grading: bool, warm_kernel: bool = False) -> dict:
     """Execute ``path`` in ``workdir``; return timings and peak memory (errors raise)."""
     nb = nbformat.read(path, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(USAGE))
@@ -53,9 +57,15 @@ def run(path: Path, workdir: Path, grading: bool) -> dict:
     os.environ.update(env)
     try:
         start = time.perf_counter()
-        NotebookClient(
-            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
-        ).execute()
+        extra = {"kernel_manager_class": warm.WarmKernelManager} if warm_kernel else {}
+        client = NotebookClient(
+            nb,
+            timeout=600,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(workdir)}},
+            **extra,
+        )
+        client.execute()
         wall = time.perf_counter() - start
     finally:
         os.environ.clear()
@@ -81,6 +91,11 @@ def main() -> None:
     parser.add_argument("notebooks", nargs="*", default=["00", "01", "02", "03", "04", "05"])
     parser.add_argument("--write", action="store_true", help="record in benchmarks/RESULTS.md")
     args = parser.parse_args()
+    os.environ["HF_HUB_OFFLINE"] = "1"  # as in every run below, so warm kernels can be forked
+    zygote = warm.Zygote.get() if warm.supported() else None
+    modes = [("student", False, False), ("graded, artifacts present", True, False)]
+    if zygote is not None and zygote.wait_ready():  # started before any timing
+        modes.append(("graded, warm kernel (as `grade` runs it)", True, True))
     rows = [
         "| notebook | run | wall (s) | kernel CPU (s) | slowest cell (s) "
         "| slowest graded cell (s) | peak RSS (MB) |",
@@ -92,8 +107,8 @@ def main() -> None:
             work = Path(tmp) / path.parent.name
             work.mkdir()
             shutil.copy(path, work)
-            for mode, grading in (("student", False), ("graded, artifacts present", True)):
-                r = run(work / path.name, work, grading)
+            for mode, grading, warm_kernel in modes:
+                r = run(work / path.name, work, grading, warm_kernel)
                 rows.append(
                     f"| {path.stem} | {mode} | {r['wall']:.1f} | {r['kernel_cpu']:.1f} | "
                     f"{r['slowest']:.1f} | {r['slowest_graded']:.1f} | {r['peak_mb']:.0f} |"

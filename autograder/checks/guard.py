@@ -75,15 +75,29 @@ def _defined(qualname: str, live: object, compiled: dict[str, list[types.CodeTyp
     return code is not None and code in candidates
 
 
+# Parsing and compiling a file is most of a check's cost when a notebook's hidden tests call
+# fresh() dozens of times; each file is read every time and parsed once per distinct text.
+_PARSED: dict[tuple[Path, str], tuple[list[ast.stmt], dict[str, list[types.CodeType]]]] = dict()
+
+
+def _parse(path: Path) -> tuple[list[ast.stmt], dict[str, list[types.CodeType]]]:
+    """The top-level statements of the file at ``path`` and its code objects by qualname."""
+    source = path.read_text(encoding="utf-8")
+    key = (path, source)
+    if key not in _PARSED:
+        compiled: dict[str, list[types.CodeType]] = {}
+        _codes(compile(source, str(path), "exec"), compiled)
+        _PARSED[key] = (ast.parse(source).body, compiled)
+    return _PARSED[key]
+
+
 def _module_problems(name: str, module: types.ModuleType) -> list[str]:
     path = _source_path(name)
     if Path(getattr(module, "__file__", "") or "").resolve() != path:
         return [f"sys.modules[{name!r}] is not the module loaded from {path}"]
-    source = path.read_text(encoding="utf-8")
-    compiled: dict[str, list[types.CodeType]] = {}
-    _codes(compile(source, str(path), "exec"), compiled)
+    body, compiled = _parse(path)
     problems = []
-    for node in ast.parse(source).body:
+    for node in body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             if not _defined(node.name, getattr(module, node.name, None), compiled):
                 problems.append(f"{name}.{node.name} was replaced")
@@ -140,7 +154,7 @@ def tampering() -> list[str]:
 def _grader_imports(name: str) -> list[str]:
     """The grader modules that ``name``'s file imports (directly)."""
     found = []
-    for node in ast.parse(_source_path(name).read_text(encoding="utf-8")).body:
+    for node in _parse(_source_path(name))[0]:
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             for alias in node.names:
                 target = f"{node.module}.{alias.name}"

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import nbformat
 
+from autograder.pipeline import warm
 from autograder.pipeline.coursedir import Course, CourseError, output_to, prepare_environment
 from autograder.pipeline.execute import KERNEL_DIED, KERNEL_UNAVAILABLE, KERNEL_UNRESPONSIVE
 from autograder.pipeline.feedback import hidden_lines, leaked_hidden_lines
@@ -259,6 +260,10 @@ def grade(
         if not s.gradable:
             _record_missing(course, s)
             progress(f"{s.student}/{s.assignment}: nothing gradable handed in")
+    if course.config().ResilientExecute.get("warm_kernels", True):
+        # One zygote for this process: the workers forked below fork their kernels from it,
+        # and its imports overlap nbgrader's start-up (autograder.pipeline.warm).
+        warm.start_early()
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with ProcessPoolExecutor(
         max_workers=max(1, min(workers, len(to_run))),

@@ -1,0 +1,135 @@
+"""Warm grading kernels (``autograder.pipeline.warm``): a kernel forked from the zygote must be
+the kernel a normal launch gives, and crashes, hangs and restarts must work through it.
+
+The fault students of ``tests/test_pipeline.py`` are graded through warm kernels too (it is the
+default); here the kernel is inspected directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+from nbclient import NotebookClient
+
+from autograder.pipeline import warm
+from autograder.pipeline.execute import KERNEL_DIED, KERNEL_UNRESPONSIVE, ResilientExecute
+
+pytestmark = pytest.mark.skipif(not warm.supported(), reason="warm kernels are Linux-only")
+
+INTROSPECT = """\
+import json, os, signal, sys, threading
+from ipykernel.kernelapp import IPKernelApp
+app = IPKernelApp.instance()
+print(json.dumps({
+    "pid": os.getpid(), "ppid": os.getppid(), "cwd": os.getcwd(), "path": sys.path,
+    "argv": [a for a in sys.argv if not a.endswith(".json")],
+    "own_group": os.getpgid(0) == os.getpid(),
+    "env": sorted(os.environ), "marker": os.environ.get("WARM_TEST_MARKER"),
+    "mpl": os.environ.get("MPLBACKEND"), "parent_handle": app.parent_handle,
+    "poller": type(getattr(app, "poller", None)).__name__,
+    "threads": sorted(t.name.split(" ")[0].rstrip("0123456789-") for t in threading.enumerate()),
+    "signals": [repr(signal.getsignal(s)) for s in (signal.SIGINT, signal.SIGPIPE, signal.SIGTERM)],
+    "main": sys.modules["__main__"].__name__,
+}))
+"""
+
+
+def _introspect(kernel_manager_class: type, cwd: Path) -> dict:
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(INTROSPECT)])
+    client = NotebookClient(
+        nb,
+        timeout=120,
+        kernel_manager_class=kernel_manager_class,
+        resources={"metadata": {"path": str(cwd)}},
+    )
+    client.execute()
+    (out,) = [o for o in nb.cells[0].outputs if o.output_type == "stream"]
+    return json.loads(out.text)
+
+
+@pytest.fixture(scope="module")
+def zygote() -> warm.Zygote:
+    found = warm.Zygote.get()
+    assert found is not None and found.wait_ready(), "the zygote did not start"
+    return found
+
+
+def test_forked_kernel_is_the_kernel_a_normal_launch_gives(zygote, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("WARM_TEST_MARKER", "set after the zygote started")
+    normal = _introspect(AsyncKernelManager, tmp_path)
+    forked = _introspect(warm.WarmKernelManager, tmp_path)
+    assert normal["ppid"] == os.getpid(), "the normal kernel is a child of this process"
+    assert forked["ppid"] == zygote.process.pid, "the warm kernel was not forked by the zygote"
+    for key in ("cwd", "path", "argv", "env", "mpl", "parent_handle", "poller", "threads"):
+        assert forked[key] == normal[key], (key, forked[key], normal[key])
+    for key in ("own_group", "signals", "main", "marker"):
+        assert forked[key] == normal[key], (key, forked[key], normal[key])
+    assert forked["marker"] == "set after the zygote started"
+    assert forked["parent_handle"] == os.getpid(), "the kernel must watch its grader"
+
+
+def test_environment_read_at_import_time_falls_back_to_a_normal_kernel(
+    zygote, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "7" if os.environ.get("OMP_NUM_THREADS") != "7" else "5")
+    kernel = _introspect(warm.WarmKernelManager, tmp_path)
+    assert kernel["ppid"] == os.getpid(), "a kernel with other import-time settings was forked"
+
+
+def test_crash_hang_and_interrupt_through_forked_kernels(zygote, tmp_path) -> None:
+    cells = [
+        "import os\nx = 41\nprint(os.getppid())",
+        "os._exit(3)",  # the kernel dies: restarted, the first cell replayed
+        "x += 1\nprint(x, os.getppid())",
+        "import time\ntime.sleep(60)",  # interrupted at the timeout: an ordinary error
+        "while True:\n    try:\n        time.sleep(60)\n"
+        "    except KeyboardInterrupt:\n        pass",
+        "print('after', x)",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    execute = ResilientExecute(
+        timeout=3, interrupt_on_timeout=True, raise_on_iopub_timeout=False, probe_timeout=2
+    )
+    assert execute.kernel_manager_class is warm.WarmKernelManager
+    execute.preprocess(nb, {"metadata": {"path": str(tmp_path)}})
+    outputs = [c.outputs for c in nb.cells]
+    assert outputs[0][0]["text"].strip() == str(zygote.process.pid)
+    assert [o.get("ename") for o in outputs[1]] == [KERNEL_DIED]
+    assert outputs[2][0]["text"].split() == ["42", str(zygote.process.pid)], outputs[2]
+    assert any(o.get("output_type") == "error" for o in outputs[3]), outputs[3]
+    assert KERNEL_UNRESPONSIVE in [o.get("ename") for o in outputs[4]], outputs[4]
+    assert outputs[5][0]["text"].strip() == "after 42", "the kernel was restored after the hang"
+
+
+def test_zygote_kills_its_kernels_when_it_stops(tmp_path) -> None:
+    """A zygote whose owner goes away takes its kernels with it (nothing is left running)."""
+    owner = tmp_path / "owner.py"
+    owner.write_text(
+        "import sys, time\n"
+        "from autograder.pipeline import warm\n"
+        "z = warm.Zygote.get(); assert z.wait_ready()\n"
+        "k = z.spawn(['-c', 'x'], {}, '.')\n"  # a bad kernel command line is fine for this
+        "print(z.process.pid, k.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(owner)], stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    try:
+        zygote_pid, kernel_pid = map(int, proc.stdout.readline().split())
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (warm._alive(zygote_pid) or warm._alive(kernel_pid)):
+        time.sleep(0.2)
+    assert not warm._alive(zygote_pid), "the zygote outlived the process that started it"
+    assert not warm._alive(kernel_pid), "a kernel outlived its zygote"
