@@ -6,8 +6,9 @@ gives the solution its saved artifacts (a solved run makes them once; they are c
 ``.nbgrader/artifacts``), hands in the solved notebooks of every assignment for ``--students``
 students, and grades the class through nbgrader once per ``--workers`` value, each time with a
 fresh gradebook. Prints per-notebook autograde times (one student, all notebooks = one
-"submission"), the wall time per class and the speed-up, and writes the table to
-``benchmarks/RESULTS.md`` (section "grading") unless ``--no-write``.
+"submission"), the wall time per class and the speed-up, the wall time for one student alone
+(what an instructor waits for a single submission, every notebook included, feedback made),
+and writes the table to ``benchmarks/RESULTS.md`` (section "grading") unless ``--no-write``.
 """
 
 from __future__ import annotations
@@ -82,6 +83,17 @@ def main() -> None:
                 if found := LINE.match(line):
                     per_notebook[found["assignment"]].append(float(found["s"]))
         print(f"{workers} worker(s): {wall:.1f} s for {args.students} students", flush=True)
+    # One student alone: the time an instructor waits for a single submission.
+    alone = submissions.parent / "one-student"
+    shutil.rmtree(alone, ignore_errors=True)
+    shutil.copytree(submissions / "s00", alone / "s00")
+    single = {}
+    for workers in args.workers:
+        _fresh_gradebook(scratch)
+        start = time.perf_counter()
+        grade(scratch, alone, assignments, workers=workers)
+        single[workers] = time.perf_counter() - start
+        print(f"{workers} worker(s): {single[workers]:.1f} s for one student alone", flush=True)
 
     out = [
         f"Machine: {machine_description()}. {args.students} students, each handing in the solved "
@@ -97,15 +109,19 @@ def main() -> None:
         out.append(f"| {assignment} | {shown} |")
     if per_notebook:
         one = sum(statistics.median(t) for t in per_notebook.values())
-        out.append(f"| **one whole submission** | **{one:.1f}** |")
+        out.append(f"| **one whole submission** (sum) | **{one:.1f}** |")
     out += [
         "",
-        "| workers | class wall time (s) | per student (s) | speed-up |",
-        "|---:|---:|---:|---:|",
+        "| workers | one student alone, wall (s) | class wall time (s) | per student in the "
+        "class (s) | class speed-up |",
+        "|---:|---:|---:|---:|---:|",
     ]
     base = runs[args.workers[0]]
     for workers, wall in runs.items():
-        out.append(f"| {workers} | {wall:.1f} | {wall / args.students:.1f} | {base / wall:.2f}x |")
+        out.append(
+            f"| {workers} | {single[workers]:.1f} | {wall:.1f} | {wall / args.students:.1f} "
+            f"| {base / wall:.2f}x |"
+        )
     table = "\n".join(out)
     print(table)
     if not args.no_write:

@@ -137,9 +137,9 @@ def _run(name, model, tok, task, train_set, val_set, steps, seed, device, eval_e
 
 
 @torch.no_grad()
-def untuned(task, val_set, device) -> dict:
-    """The frozen tiny LM without any adaptation, greedy on the same examples."""
-    model, tok = load_backbone("tiny", device=device)
+def untuned(task, val_set, device, backbone: str = "tiny") -> dict:
+    """The frozen backbone without any adaptation, greedy on the same examples."""
+    model, tok = load_backbone(backbone, device=device)
     model.eval()
     greedy = {
         "do_sample": False,
@@ -154,17 +154,19 @@ def untuned(task, val_set, device) -> dict:
     return evaluate(task, None, tok, val_set, device=device, show_progress=False, generate=gen)
 
 
-def peft_step_comparison(device, steps: int = 60, seed: int = 0) -> dict[str, float]:
+def peft_step_comparison(
+    device, steps: int = 60, seed: int = 0, backbone: str = "tiny"
+) -> dict[str, float]:
     """Median step time: hand-written prefix vs PEFT PrefixTuning, same values, interleaved."""
     from peft import PrefixTuningConfig, get_peft_model
 
-    model, tok = load_backbone("tiny", device=device)
+    model, tok = load_backbone(backbone, device=device)
     freeze_backbone(model)
     task = get_task("data_to_text")
     data = batches(tok, task.examples("train"), 16, seed=seed, device=device)
     enc = PrefixEncoder(model.config, 10, init_std=0.5, seed=seed).to(device)
     peft_model = get_peft_model(
-        load_backbone("tiny", device=device)[0],
+        load_backbone(backbone, device=device)[0],
         PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=10),
     )
     peft_model.prompt_encoder["default"].embedding.weight.data.copy_(
@@ -203,6 +205,12 @@ def main() -> None:
     parser.add_argument("--n-eval", type=int, default=200)
     parser.add_argument("--device", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="backbone: 'tiny' (default; the only one recorded in RESULTS.md), a folder "
+        "saved with save_pretrained, or a hub id",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -214,15 +222,17 @@ def main() -> None:
     val_set = task.examples("validation", n=args.n_eval)
     rows = []
     for name in ("prompt", "prefix", "prefix_reparam", "full"):
-        model, tok = load_backbone("tiny", device=args.device)
+        model, tok = load_backbone(args.model, device=args.device)
         device = next(model.parameters()).device
         rows.append(_run(name, model, tok, task, train_set, val_set, args.steps, args.seed, device))
         print(f"done: {name}", flush=True)
-    cmp = peft_step_comparison(device, seed=args.seed)
-    baseline = untuned(task, val_set, device)
+    cmp = peft_step_comparison(device, seed=args.seed, backbone=args.model)
+    baseline = untuned(task, val_set, device, backbone=args.model)
 
     lines = [
-        f"Machine: {machine_description(device)}. Tiny LM, data-to-text, {args.steps} steps, "
+        f"Machine: {machine_description(device)}. "
+        f"{'Tiny LM' if args.model == 'tiny' else f'Backbone {args.model}'}, "
+        f"data-to-text, {args.steps} steps, "
         f"batch 16, prefix/prompt length 10, {len(val_set)} validation examples, seed {args.seed}.",
         "",
         "| method | trainable params | % of model | median step (ms) | train time (s) "
@@ -267,7 +277,7 @@ def main() -> None:
     ]
     table = "\n".join(lines)
     print(table)
-    if not args.no_write:
+    if not args.no_write and args.model == "tiny":
         command = f"python -m benchmarks.methods --steps {args.steps} --n-eval {args.n_eval}"
         write_section("methods", command, table)
 
