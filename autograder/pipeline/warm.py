@@ -121,9 +121,18 @@ def serve(address: str, parent: int) -> None:
     """Run the zygote: preload, then fork a kernel per request until ``parent`` goes away."""
     before = dict(os.environ)
     os.environ.setdefault("MPLBACKEND", _INLINE_BACKEND)  # what ipykernel would set
+    # A CUDA context does not survive fork: should an import ask whether CUDA is available,
+    # answer through NVML, which creates none (the kernels themselves are unaffected).
+    nvml_check = os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     for name in PRELOAD:
         with contextlib.suppress(Exception):
             importlib.import_module(name)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        sys.stderr.write("warm kernels disabled: preloading initialised CUDA\n")
+        sys.exit(3)
+    if "PYTORCH_NVML_BASED_CUDA_CHECK" not in before and nvml_check == "1":
+        del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
     with contextlib.suppress(Exception):  # parse the grader's files once, for every kernel
         importlib.import_module("autograder.checks.guard").tampering()
     # Variables the imports themselves set (TORCHINDUCTOR_CACHE_DIR, ...) are kept in kernels.
