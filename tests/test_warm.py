@@ -133,3 +133,52 @@ def test_zygote_kills_its_kernels_when_it_stops(tmp_path) -> None:
         time.sleep(0.2)
     assert not warm._alive(zygote_pid), "the zygote outlived the process that started it"
     assert not warm._alive(kernel_pid), "a kernel outlived its zygote"
+
+
+def test_kernel_output_goes_to_the_graders_log(zygote, tmp_path) -> None:
+    """A normal kernel writes to its grader's stdout/stderr (the job log): so must a forked one."""
+    from autograder.pipeline.coursedir import output_to
+
+    nb = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell("import os\nos.write(2, b'FD2-MARKER\\n')")]
+    )
+    log = tmp_path / "job.log"
+    client = NotebookClient(
+        nb,
+        timeout=60,
+        kernel_manager_class=warm.WarmKernelManager,
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    with output_to(log):
+        client.execute()
+    assert "FD2-MARKER" in log.read_text()
+
+
+def test_a_kernel_dies_with_its_client_and_the_zygote_lives_on(zygote, tmp_path) -> None:
+    from jupyter_client.connect import write_connection_file
+
+    connection, _ = write_connection_file(str(tmp_path / "kernel.json"))
+    kernel = zygote.spawn(["-f", connection], dict(os.environ), str(tmp_path))
+    time.sleep(1)
+    assert kernel.poll() is None, "the kernel did not start"
+    kernel._conn.close()  # its grader is gone
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and warm._alive(kernel.pid):
+        time.sleep(0.2)
+    assert not warm._alive(kernel.pid), "a kernel outlived its grader"
+    assert warm._alive(zygote.process.pid), "the zygote went down with one client"
+
+
+def test_fallback_when_grader_files_change_or_the_interpreter_differs(zygote) -> None:
+    assert zygote.mismatch(dict(os.environ)) == ""
+    saved = zygote.files
+    try:
+        zygote.files = {**saved, "/nowhere/checks.py": (0, 0)}
+        assert "files changed" in zygote.mismatch(dict(os.environ))
+    finally:
+        zygote.files = saved
+    launcher = [sys.executable, "-Xfrozen_modules=off", "-m", "ipykernel_launcher", "-f", "k.json"]
+    assert warm._launcher_args(launcher) == ["-f", "k.json"]
+    other = ["/usr/bin/python3", "-m", "ipykernel_launcher", "-f", "k.json"]
+    assert warm._launcher_args(other) is None
+    assert warm._launcher_args([sys.executable, "-m", "other_kernel"]) is None

@@ -3,23 +3,26 @@
 A grading kernel started the usual way spends most of a short graded notebook importing torch,
 transformers, the course library and the checks (about 8 s of a 20 s notebook on a 2-core CPU),
 and it does so again for every notebook of every student. Here one *zygote* process per grading
-worker imports all of that once; each kernel is then ``fork()``-ed from it and becomes an
-ordinary IPython kernel with those modules already loaded. The student's code still runs in its
-own process with its own namespace, exactly one kernel per notebook, as before.
+command (shared by its workers) imports all of that once; each kernel is then ``fork()``-ed
+from it and becomes an ordinary IPython kernel with those modules already loaded. The
+student's code still runs in its own process with its own namespace, exactly one kernel per
+notebook, as before.
 
 The pieces:
 
 - :func:`serve` is the zygote (``python -c "from autograder.pipeline.warm import serve; ..."``):
-  it imports :data:`PRELOAD`, refuses to fork if any import started a thread (a forked thread pool
-  deadlocks), and answers requests on a Unix socket: "start a kernel with this argv, environment
-  and working directory". It replies with the kernel's pid, then, when that kernel exits, with
-  its exit status; it reaps its children and kills them if its parent goes away.
+  it imports :data:`PRELOAD`, refuses to fork if any import started a Python thread or a CUDA
+  context, and answers requests on a Unix socket: "start a kernel with this argv, environment
+  and working directory, writing to these stdout/stderr" (the grader's job log, passed as file
+  descriptors). It replies with the kernel's pid, then, when that kernel exits, with its exit
+  status. It kills a kernel whose client (grader) went away, and all of them if its parent does.
 - :class:`WarmProvisioner` is a jupyter_client provisioner that asks the zygote for a kernel
   and hands jupyter_client a Popen-like handle (:class:`ForkedKernel`), so interrupt, kill,
   restart and "is it alive" work as they do for a local kernel. It falls back to a normal
   launch whenever forking would not give the same kernel: not Linux, a kernel command other
   than this Python's ``ipykernel_launcher``, an environment variable read at import time that
-  differs from the zygote's, or a zygote that failed to start.
+  differs from the zygote's, a file of ``course/`` or ``autograder/`` changed since the zygote
+  imported it, or a zygote that failed to start (the reason is logged).
 - :class:`WarmKernelManager` uses that provisioner; ``ResilientExecute`` picks it when
   ``c.ResilientExecute.warm_kernels`` is true (the default on Linux).
 """
@@ -33,6 +36,8 @@ import importlib.util
 import json
 import os
 import select
+import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -82,22 +87,21 @@ PRELOAD = (
 
 #: Environment variables that modules read when imported (or the interpreter at start-up). A
 #: kernel asked for with a different value than the zygote's is launched the normal way.
-IMPORT_TIME_ENV = (
-    "PYTHONPATH",
-    "PYTHONWARNINGS",
-    "PYTHONHASHSEED",
-    "PYTHONDONTWRITEBYTECODE",
-    "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "HF_HOME",
-    "HF_HUB_OFFLINE",
-    "HF_HUB_CACHE",
-    "TRANSFORMERS_OFFLINE",
-    "TRANSFORMERS_VERBOSITY",
-    "TRANSFORMERS_CACHE",
-    "TQDM_DISABLE",
+IMPORT_TIME_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "LANG", "TZ", "TMPDIR", "HOME")
+IMPORT_TIME_PREFIXES = (
+    "PYTHON",
+    "HF_",
+    "TRANSFORMERS_",
+    "TORCH",
+    "PYTORCH_",
+    "CUDA_",
+    "MPL",
+    "MATPLOTLIB",
+    "TQDM_",
+    "LC_",
+    "XDG_",
+    "JUPYTER_",
 )
-IMPORT_TIME_PREFIXES = ("TORCH_", "PYTORCH_", "CUDA_", "MPL", "MATPLOTLIB", "TQDM_")
 
 _INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 
@@ -125,12 +129,13 @@ def serve(address: str, parent: int) -> None:
     # answer through NVML, which creates none (the kernels themselves are unaffected).
     nvml_check = os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     for name in PRELOAD:
-        with contextlib.suppress(Exception):
+        try:
             importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001  (a kernel that needs it imports it itself)
+            print(f"preloading {name} failed: {err!r}", file=sys.stderr, flush=True)
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
-        sys.stderr.write("warm kernels disabled: preloading initialised CUDA\n")
-        sys.exit(3)
+        sys.exit("warm kernels disabled: preloading initialised CUDA")
     if "PYTORCH_NVML_BASED_CUDA_CHECK" not in before and nvml_check == "1":
         del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
     with contextlib.suppress(Exception):  # parse the grader's files once, for every kernel
@@ -138,38 +143,56 @@ def serve(address: str, parent: int) -> None:
     # Variables the imports themselves set (TORCHINDUCTOR_CACHE_DIR, ...) are kept in kernels.
     set_by_imports = {k: v for k, v in os.environ.items() if k not in before}
     set_by_imports.pop("MPLBACKEND", None)
+    # Python threads would be lost in the fork, with any lock they hold. (numpy's OpenBLAS pool,
+    # a native thread, re-creates itself in the child: OpenBLAS registers fork handlers.)
     if threading.active_count() != 1:
-        sys.stderr.write(f"warm kernels disabled: preloading started {threading.enumerate()}\n")
-        sys.exit(3)
+        sys.exit(f"warm kernels disabled: preloading started threads {threading.enumerate()}")
     signal.signal(signal.SIGTERM, _stop_serving)  # Zygote.stop(): clean up, kill the kernels
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(address)
-    listener.listen(16)
+    listener.listen(64)
     children: dict[int, socket.socket] = {}
+    watch = selectors.DefaultSelector()
+    watch.register(listener, selectors.EVENT_READ)
     try:
         while os.getppid() == parent:
-            readable, _, _ = select.select([listener], [], [], 0.2)
-            _reap(children)
-            if readable:
-                conn, _ = listener.accept()
-                _start_kernel(listener, conn, children, set_by_imports)
+            ready = watch.select(0.2)
+            _reap(children, watch)
+            for key, _ in ready:
+                if key.fileobj is listener:
+                    try:
+                        conn, _ = listener.accept()
+                    except OSError as err:  # out of descriptors: this request fails, not all
+                        print(f"accept failed: {err!r}", file=sys.stderr, flush=True)
+                        continue
+                    _start_kernel(listener, conn, children, watch, set_by_imports)
+                else:  # a kernel's client went away (its grader died): so does the kernel
+                    pid = key.data
+                    with contextlib.suppress(OSError):
+                        if key.fileobj.recv(256) == b"":
+                            watch.unregister(key.fileobj)
+                            _kill_group(pid)
     finally:
         for pid in children:
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+            _kill_group(pid)
         listener.close()
         with contextlib.suppress(OSError):
             os.unlink(address)
-            os.rmdir(os.path.dirname(address))
 
 
 def _stop_serving(signum: int, frame: Any) -> None:
     raise SystemExit(0)
 
 
-def _reap(children: dict[int, socket.socket]) -> None:
+def _kill_group(pid: int) -> None:
+    """SIGKILL a kernel and the processes it started (it leads its own process group)."""
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _reap(children: dict[int, socket.socket], watch: selectors.BaseSelector) -> None:
     """Collect exited kernels and tell each one's client its exit status."""
     while children:
         try:
@@ -180,16 +203,17 @@ def _reap(children: dict[int, socket.socket]) -> None:
             return
         conn = children.pop(pid, None)
         if conn is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                watch.unregister(conn)
             code = os.waitstatus_to_exitcode(status)
             with contextlib.suppress(OSError):
                 conn.sendall(f"exit {code}\n".encode())
             conn.close()
 
 
-def _recv_line(conn: socket.socket, limit: float) -> bytes:
-    data = b""
+def _recv_line(conn: socket.socket, limit: float, data: bytes = b"") -> bytes:
     deadline = time.monotonic() + limit
-    while not data.endswith(b"\n"):
+    while b"\n" not in data:
         conn.settimeout(max(0.01, deadline - time.monotonic()))
         chunk = conn.recv(65536)
         if not chunk:
@@ -202,34 +226,65 @@ def _start_kernel(
     listener: socket.socket,
     conn: socket.socket,
     children: dict[int, socket.socket],
+    watch: selectors.BaseSelector,
     set_by_imports: dict[str, str],
 ) -> None:
+    """Read one request (a JSON line, with the client's stdout and stderr) and fork its kernel."""
+    fds: list[int] = []
     try:
-        request = json.loads(_recv_line(conn, 10))
+        conn.settimeout(10)
+        data, fds, _, _ = socket.recv_fds(conn, 1 << 20, 2)
+        request = json.loads(_recv_line(conn, 10, data))
     except (OSError, ValueError, ConnectionError):
+        for fd in fds:
+            os.close(fd)
         conn.close()
         return
-    pid = os.fork()
-    if pid == 0:  # the kernel
-        listener.close()
+    try:
+        pid = os.fork()
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            conn.sendall(f"error {err!r}\n".encode())
+        pid = -1
+    if pid == 0:  # the kernel; never returns
+        try:
+            listener.close()
+            conn.close()
+            for other in children.values():
+                other.close()
+            _become_kernel(
+                request["argv"], {**set_by_imports, **request["env"]}, request["cwd"], fds
+            )
+        finally:
+            os._exit(1)
+    for fd in fds:
+        os.close(fd)
+    if pid < 0:
         conn.close()
-        for other in children.values():
-            other.close()
-        _become_kernel(request["argv"], {**set_by_imports, **request["env"]}, request["cwd"])
-    conn.sendall(f"{pid}\n".encode())
-    conn.setblocking(True)
-    children[pid] = conn
+        return
+    children[pid] = conn  # reaped even if the client is already gone
+    try:
+        conn.settimeout(None)
+        conn.sendall(f"{pid}\n".encode())
+        watch.register(conn, selectors.EVENT_READ, pid)
+    except OSError:
+        _kill_group(pid)
 
 
-def _become_kernel(argv: list[str], env: dict[str, str], cwd: str) -> None:
+def _become_kernel(argv: list[str], env: dict[str, str], cwd: str, fds: list[int]) -> None:
     """In the forked child: become ``python -m ipykernel_launcher *argv`` and never return."""
     code = 1
     try:
         os.setsid()  # its own process group, as jupyter_client gives a local kernel
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Python's default; the rest are untouched
+        for target, fd in zip((1, 2), fds):  # the grader's stdout and stderr (its job log)
+            os.dup2(fd, target)
+            os.close(fd)
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(env)
+        if "numpy" in sys.modules:  # a new process would draw a fresh global seed
+            sys.modules["numpy"].random.seed()
         launcher = importlib.util.find_spec("ipykernel_launcher")
         sys.argv = [str(launcher.origin if launcher else "ipykernel_launcher"), *argv]
         if sys.path and sys.path[0] in ("", cwd):
@@ -241,6 +296,8 @@ def _become_kernel(argv: list[str], env: dict[str, str], cwd: str) -> None:
         app = IPKernelApp.instance()
         app.parent_handle = int(env.get("JPY_PARENT_PID") or 0)
         app.initialize(argv)
+        if "ipywidgets" in sys.modules:  # imported before IPython existed: register now
+            sys.modules["ipywidgets"]._handle_ipython()
         app.start()
         code = 0
     except SystemExit as stop:
@@ -248,6 +305,8 @@ def _become_kernel(argv: list[str], env: dict[str, str], cwd: str) -> None:
     except BaseException:  # noqa: BLE001  (report anything, then exit: never return to the loop)
         traceback.print_exc()
     finally:
+        with contextlib.suppress(BaseException):
+            atexit._run_exitfuncs()  # as a normal interpreter exit would
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
@@ -269,15 +328,19 @@ class Zygote:
         self.owner = os.getpid()
         self.folder = tempfile.mkdtemp(prefix="warm-kernels-")
         self.address = str(Path(self.folder) / "zygote.sock")
+        self.log = Path(self.folder) / "zygote.log"
         self.env = _import_env(dict(os.environ, MPLBACKEND=os.environ.get("MPLBACKEND", "")))
+        self.files = _grader_files()  # a kernel started after an edit must see the new code
         code = f"from autograder.pipeline.warm import serve; serve({self.address!r}, {os.getpid()})"
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", code],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", code],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=self.folder,  # not the grader's folder: nothing there may shadow an import
+                start_new_session=True,
+            )
         self._ready = False
         atexit.register(self.stop)
 
@@ -295,7 +358,12 @@ class Zygote:
     def wait_ready(self, timeout: float = 180) -> bool:
         """Block until the zygote has preloaded and listens; False if it failed."""
         deadline = time.monotonic() + timeout
-        while not self._ready and time.monotonic() < deadline and _alive(self.process.pid):
+        while (
+            not self._ready
+            and not type(self)._failed
+            and time.monotonic() < deadline
+            and _alive(self.process.pid)
+        ):
             try:
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
                     probe.connect(self.address)
@@ -307,18 +375,40 @@ class Zygote:
             self.stop()
         return self._ready
 
-    def matches(self, env: dict[str, str]) -> bool:
-        """Whether a kernel with ``env`` would import modules as the zygote did."""
+    def why_not(self) -> str:
+        """The zygote's last words, for the log of a grader that fell back to normal kernels."""
+        with contextlib.suppress(OSError):
+            lines = self.log.read_text(errors="replace").strip().splitlines()
+            return lines[-1] if lines else "it exited without a message"
+        return "its log is gone"
+
+    def mismatch(self, env: dict[str, str]) -> str:
+        """Why a kernel with ``env`` would not be the kernel the zygote gives; "" if it would."""
         wanted = _import_env(dict(env, MPLBACKEND=env.get("MPLBACKEND", "")))
-        return wanted == self.env
+        differ = sorted(k for k in set(wanted) | set(self.env) if wanted.get(k) != self.env.get(k))
+        if differ:
+            return "the kernel's environment differs from the zygote's in " + ", ".join(differ)
+        if _grader_files() != self.files:
+            return "course or autograder files changed since the zygote imported them"
+        return ""
 
     def spawn(self, argv: list[str], env: dict[str, str], cwd: str) -> ForkedKernel:
-        """Fork a kernel running ``ipykernel_launcher *argv``."""
+        """Fork a kernel running ``ipykernel_launcher *argv``; its output goes to ours."""
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.connect(self.address)
-        conn.sendall(json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode() + b"\n")
-        pid = int(_recv_line(conn, 30))
-        return ForkedKernel(pid, conn)
+        try:
+            conn.settimeout(30)
+            conn.connect(self.address)
+            payload = json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode() + b"\n"
+            socket.send_fds(conn, [payload], [1, 2])
+            first, _, rest = _recv_line(conn, 30).partition(b"\n")
+            if not first.isdigit():
+                raise ConnectionError(
+                    f"the zygote could not fork: {first.decode(errors='replace')}"
+                )
+        except BaseException:
+            conn.close()
+            raise
+        return ForkedKernel(int(first), conn, rest)
 
     def stop(self) -> None:
         if self.owner != os.getpid():
@@ -329,11 +419,25 @@ class Zygote:
         with contextlib.suppress(OSError):
             self.process.kill()
             self.process.wait(5)
-        with contextlib.suppress(OSError):
-            (Path(self.folder) / "zygote.sock").unlink(missing_ok=True)
-            os.rmdir(self.folder)
+        shutil.rmtree(self.folder, ignore_errors=True)
         if type(self)._instance is self:
             type(self)._instance = None
+
+
+def _grader_files() -> dict[str, tuple[int, int]]:
+    """Modification time and size of every file a kernel may import from ``course/`` and
+    ``autograder/`` (the grading pipeline itself, ``autograder/pipeline/``, runs outside)."""
+    here = Path(__file__).resolve().parents[2]
+    pipeline = here / "autograder" / "pipeline"
+    found = {}
+    for package in ("course", "autograder"):
+        for path in (here / package).rglob("*.py"):
+            if pipeline in path.parents:
+                continue
+            with contextlib.suppress(OSError):
+                stat = path.stat()
+                found[str(path)] = (stat.st_mtime_ns, stat.st_size)
+    return found
 
 
 class ForkedKernel:
@@ -341,52 +445,62 @@ class ForkedKernel:
 
     stdin = stdout = stderr = None
 
-    def __init__(self, pid: int, conn: socket.socket) -> None:
+    def __init__(self, pid: int, conn: socket.socket, buffered: bytes = b"") -> None:
         self.pid = pid
         self.returncode: int | None = None
-        self._conn = conn
-        self._buffer = b""
+        self._conn: socket.socket | _Closed = conn
+        self._buffer = buffered
+        self._parse()
+
+    def _parse(self) -> bool:
+        """Take the exit status from the buffer once it is complete; True if it was."""
+        if self._buffer.startswith(b"exit ") and self._buffer.endswith(b"\n"):
+            self.returncode = int(self._buffer.split()[1])
+            self._close()
+            return True
+        return False
+
+    def _close(self) -> None:
+        if not isinstance(self._conn, _Closed):
+            self._conn.close()
+            self._conn = _Closed()
 
     def _read_status(self, timeout: float | None) -> None:
-        if self.returncode is not None:
+        if self.returncode is not None or isinstance(self._conn, _Closed):
             return
         ready, _, _ = select.select([self._conn], [], [], timeout)
         if not ready:
             return
-        chunk = self._conn.recv(256)
+        try:
+            chunk = self._conn.recv(256)
+        except OSError:
+            chunk = b""
         self._buffer += chunk
-        if self._buffer.startswith(b"exit ") and self._buffer.endswith(b"\n"):
-            self.returncode = int(self._buffer.split()[1])
-        elif not chunk:  # the zygote is gone: the kernel counts as exited once it is gone too
-            if _alive(self.pid):
-                self._conn.close()
-                self._conn = _Closed()
-                return
-            self.returncode = -signal.SIGKILL
-        else:
-            return
-        self._conn.close()
+        if not self._parse() and not chunk:
+            # the zygote is gone without a word: the kernel counts as exited once it is gone
+            self._close()
+            if not _alive(self.pid):
+                self.returncode = -signal.SIGKILL
 
     def poll(self) -> int | None:
-        if isinstance(self._conn, _Closed):
+        if self.returncode is None and isinstance(self._conn, _Closed):
             return None if _alive(self.pid) else -signal.SIGKILL
         self._read_status(0)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
+        while (code := self.poll()) is None:
             if deadline is not None and time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired("kernel", timeout or 0)
-            if not isinstance(self._conn, _Closed):
-                self._read_status(0.1)
-            else:
+            if isinstance(self._conn, _Closed):
                 time.sleep(0.1)
-        assert self.returncode is not None or isinstance(self._conn, _Closed)
-        return self.returncode if self.returncode is not None else -signal.SIGKILL
+            else:
+                self._read_status(0.1)
+        return code
 
     def send_signal(self, signum: int) -> None:
-        if self.poll() is None:
+        if self.poll() is None:  # never signal a pid that may have been reused
             os.kill(self.pid, signum)
 
     def kill(self) -> None:
@@ -409,14 +523,20 @@ def _alive(pid: int) -> bool:
 
 
 def _launcher_args(cmd: list[str]) -> list[str] | None:
-    """The kernel's arguments if ``cmd`` is this Python's ``-m ipykernel_launcher``, else None."""
-    if len(cmd) < 3 or cmd[1:3] != ["-m", "ipykernel_launcher"]:
+    """The kernel's arguments if ``cmd`` is this Python's ``-m ipykernel_launcher``, else None.
+
+    ``-X`` options before ``-m`` (``-Xfrozen_modules=off`` in kernelspecs that ``ipykernel
+    install`` writes) only concern debuggers and are accepted. The interpreter must be this one
+    by path, not merely the same file: a venv's ``python`` links to its base interpreter.
+    """
+    if not cmd or os.path.abspath(cmd[0]) != os.path.abspath(sys.executable):
         return None
-    try:
-        same = os.path.samefile(cmd[0], sys.executable)
-    except OSError:
-        same = False
-    return cmd[3:] if same else None
+    rest = cmd[1:]
+    while rest and rest[0].startswith("-X"):
+        rest = rest[1:]
+    if rest[:2] != ["-m", "ipykernel_launcher"]:
+        return None
+    return rest[2:]
 
 
 class WarmProvisioner(LocalProvisioner):
@@ -432,16 +552,10 @@ class WarmProvisioner(LocalProvisioner):
             why = f"the kernel command is not this Python's ipykernel_launcher: {cmd}"
         elif zygote is None:
             why = "no zygote on this platform" if not supported() else "the zygote failed"
-        elif not zygote.matches(env):
-            why = "the kernel's environment differs from the zygote's in " + ", ".join(
-                sorted(
-                    k
-                    for k in set(_import_env(env)) ^ set(zygote.env)
-                    | {k for k in zygote.env if zygote.env.get(k) != _import_env(env).get(k)}
-                )
-            )
+        elif mismatch := zygote.mismatch(env):
+            why = mismatch
         elif not zygote.wait_ready():
-            why = "the zygote did not start"
+            why = f"the zygote did not start: {zygote.why_not()}"
         else:
             why = ""
         if not why:
@@ -460,6 +574,12 @@ class WarmProvisioner(LocalProvisioner):
         self.pid = self.pgid = self.process.pid
         self.cwd = cwd
         return self.connection_info
+
+    async def send_signal(self, signum: int) -> None:
+        """As for a local kernel, but never to a process group whose kernel has exited."""
+        if self.forked and self.process is not None and self.process.poll() is not None:
+            return
+        await super().send_signal(signum)
 
 
 class WarmKernelManager(AsyncKernelManager):
