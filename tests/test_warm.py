@@ -117,14 +117,15 @@ def test_zygote_kills_its_kernels_when_it_stops(tmp_path) -> None:
         "from autograder.pipeline import warm\n"
         "z = warm.Zygote.get(); assert z.wait_ready()\n"
         "k = z.spawn(['-c', 'x'], {}, '.')\n"  # a bad kernel command line is fine for this
-        "print(z.process.pid, k.pid, flush=True)\n"
+        "print(z.process.pid, k.pid, z.folder, flush=True)\n"
         "time.sleep(60)\n"
     )
     proc = subprocess.Popen(
         [sys.executable, str(owner)], stdout=subprocess.PIPE, text=True, cwd=tmp_path
     )
     try:
-        zygote_pid, kernel_pid = map(int, proc.stdout.readline().split())
+        zygote, kernel, folder = proc.stdout.readline().split()
+        zygote_pid, kernel_pid = int(zygote), int(kernel)
     finally:
         proc.kill()
         proc.wait()
@@ -133,6 +134,7 @@ def test_zygote_kills_its_kernels_when_it_stops(tmp_path) -> None:
         time.sleep(0.2)
     assert not warm._alive(zygote_pid), "the zygote outlived the process that started it"
     assert not warm._alive(kernel_pid), "a kernel outlived its zygote"
+    assert not Path(folder).exists(), "the zygote left its folder behind"
 
 
 def test_kernel_output_goes_to_the_graders_log(zygote, tmp_path) -> None:

@@ -178,6 +178,8 @@ def serve(address: str, parent: int) -> None:
         listener.close()
         with contextlib.suppress(OSError):
             os.unlink(address)
+        if os.getppid() != parent:  # the owner died without Zygote.stop(): remove our folder
+            shutil.rmtree(os.path.dirname(address), ignore_errors=True)
 
 
 def _stop_serving(signum: int, frame: Any) -> None:
