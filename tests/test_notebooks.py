@@ -17,15 +17,11 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from notebook_tools import execute, nbgrader, stderr_in_graded_cells, stdout
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "solutions").glob("0[0-2]_*/0[0-2]_*.ipynb"))
 ARTIFACTS = {"01_prompt_tuning": "prompt.pt", "02_prefix_tuning": "prefix.pt"}
-CELL_TIMEOUT_S = 300
-
-
-def _nbgrader(cell) -> dict:
-    return cell.metadata.get("nbgrader", {})
 
 
 @pytest.fixture(params=NOTEBOOKS, ids=lambda p: p.stem)
@@ -52,10 +48,10 @@ def test_saved_without_outputs(notebook):
 
 def test_grade_ids_unique_and_cells_marked(notebook):
     path, nb = notebook
-    ids = [_nbgrader(c)["grade_id"] for c in nb.cells if _nbgrader(c)]
+    ids = [nbgrader(c)["grade_id"] for c in nb.cells if nbgrader(c)]
     assert len(ids) == len(set(ids)), f"duplicate grade_id in {path.name}"
     for cell in nb.cells:
-        meta = _nbgrader(cell)
+        meta = nbgrader(cell)
         if not meta:
             continue
         gid = meta["grade_id"]
@@ -75,7 +71,7 @@ def test_every_visible_check_has_a_hidden_twin(notebook):
     path, nb = notebook
     visible, hidden = set(), set()
     for cell in nb.cells:
-        if not _nbgrader(cell).get("grade") or cell.cell_type != "code":
+        if not nbgrader(cell).get("grade") or cell.cell_type != "code":
             continue
         src = cell.source
         visible |= set(re.findall(r"selfcheck\.run\(\s*checks\.\w+\.(check_\w+)", src))
@@ -97,7 +93,7 @@ def test_multiple_choice_keys_are_stored(notebook):
     assert not missing, f"{path.name}: no answer key for {missing}"
     for cell in nb.cells:
         m = re.search(r'^(answer_q\d+) = "(\w)"$', cell.source, re.M)
-        if m and _nbgrader(cell).get("solution"):
+        if m and nbgrader(cell).get("solution"):
             qid = f"nb{path.stem[:2]}_{m.group(1).removeprefix('answer_')}"
             assert answers.is_correct(qid, m.group(2)), (
                 f"{qid}: the key disagrees with the solution"
@@ -105,38 +101,6 @@ def test_multiple_choice_keys_are_stored(notebook):
 
 
 # --- execution ------------------------------------------------------------------------------
-def _execute(nb_path: Path, workdir: Path) -> nbformat.NotebookNode:
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(nb_path, as_version=4)
-    client = NotebookClient(
-        nb,
-        timeout=CELL_TIMEOUT_S,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(workdir)}},
-    )
-    client.execute()
-    return nb
-
-
-def _stderr_in_graded_cells(nb: nbformat.NotebookNode) -> list[str]:
-    found = []
-    for cell in nb.cells:
-        if cell.cell_type == "code" and _nbgrader(cell).get("grade"):
-            for out in cell.outputs:
-                if out.get("output_type") == "stream" and out.get("name") == "stderr":
-                    found.append(f"{_nbgrader(cell)['grade_id']}: {out['text'][:200]!r}")
-    return found
-
-
-def _text(nb: nbformat.NotebookNode) -> str:
-    return "\n".join(
-        out.get("text", "")
-        for cell in nb.cells
-        if cell.cell_type == "code"
-        for out in cell.outputs
-        if out.get("output_type") == "stream"
-    )
 
 
 @pytest.mark.notebooks
@@ -150,14 +114,14 @@ def test_notebook_runs_then_grades_from_its_artifact(nb_path, tmp_path, monkeypa
     work.mkdir()
     shutil.copy(nb_path, work)
 
-    ran = _execute(work / nb_path.name, work)
-    assert not _stderr_in_graded_cells(ran), _stderr_in_graded_cells(ran)
+    ran = execute(work / nb_path.name, work)
+    assert not stderr_in_graded_cells(ran), stderr_in_graded_cells(ran)
     artifact = ARTIFACTS.get(nb_path.stem)
     if artifact:
         assert (work / artifact).is_file(), f"{nb_path.name} did not save {artifact}"
 
     monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")
-    graded = _execute(work / nb_path.name, work)
-    assert not _stderr_in_graded_cells(graded), _stderr_in_graded_cells(graded)
+    graded = execute(work / nb_path.name, work)
+    assert not stderr_in_graded_cells(graded), stderr_in_graded_cells(graded)
     if artifact:
-        assert f"graded run: loaded your trained {artifact}" in _text(graded)
+        assert f"graded run: loaded your trained {artifact}" in stdout(graded)
