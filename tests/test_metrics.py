@@ -147,3 +147,45 @@ def test_accuracy_first_word():
 def test_answer_accuracy():
     assert normalise_answer(" The Riverside.\nQ: next") == "riverside"
     assert answer_accuracy([" less than £20", "yes"], [" less than £20", " no"]) == 50.0
+
+
+# --- echoing the meaning representation earns nothing ---------------------------------------------
+
+
+def test_verbatim_copy_of_the_input_scores_zero():
+    from course.data import format_mr, get_task
+
+    examples = get_task("data_to_text").examples("validation", 50)
+    copies = [format_mr(e.meta["slots"]) for e in examples]
+    assert slot_accuracy(copies, [e.meta["slots"] for e in examples]) == 0.0
+    assert slot_accuracy([format_mr(RECORD)], [RECORD]) == 0.0
+
+
+@pytest.mark.parametrize(
+    "echo",
+    [
+        "name[The Eagle] eatType[pub] food[French] priceRange[high] area[riverside]",
+        "name: The Eagle, eatType: pub, food: French, near: Burger King",
+        "The Eagle | pub | French | expensive | riverside | Burger King",
+        "[The Eagle] [pub] [French] [riverside]",
+        "food=French; area=riverside; near=Burger King",
+    ],
+)
+def test_partial_and_reformatted_echoes_score_zero(echo):
+    assert slot_accuracy([echo], [RECORD]) == 0.0
+
+
+def test_echo_followed_by_a_sentence_scores_only_the_sentence():
+    text = "name[The Eagle] | food[French] | area[riverside]\nThe Eagle is a pub."
+    assert slot_matches(text, RECORD) == {a: a in ("name", "eatType") for a in RECORD}
+
+
+def test_fluent_realisations_score_as_before():
+    from course.data import get_task
+    from course.metrics import strip_meaning_representation
+
+    assert strip_meaning_representation(GOOD) == GOOD
+    examples = get_task("data_to_text").examples("validation", 200)
+    for e in examples:
+        for ref in e.meta["references"]:
+            assert strip_meaning_representation(ref) == ref
