@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from autograder.bugzoo import BUGS, GRADED, graded_objects
+from autograder.bugzoo import BUGS, GRADED, VARIANTS, graded_objects
 from autograder.bugzoo.stubs import STUBS
-from autograder.checks import CHECKS, artifacts, get_check
+from autograder.checks import CHECKS, artifacts, get_check, protocol
+
+# Grading draws every check input from a secret variant; the checks must hold on any of them.
+GRADING_VARIANT = 918273
 
 # The spec's required mistakes, by bug name.
 REQUIRED = {
@@ -38,13 +41,17 @@ REQUIRED = {
 HINT_ONLY = {("check_generate_with_prefix", "prefix_forward")}
 
 
-def _run(check: str, objects: dict[str, object]) -> None:
-    get_check(check)(*(objects[name] for name in CHECKS[check][1]))
+def _run(check: str, objects: dict[str, object], seed: int = 0) -> None:
+    args = [objects[name] for name in CHECKS[check][1]]
+    if seed == 0:
+        get_check(check)(*args)
+    else:
+        protocol.run_check(*protocol.resolve(check), *args, seed=seed)
 
 
-def _failure(check: str, objects: dict[str, object]) -> str:
+def _failure(check: str, objects: dict[str, object], seed: int = 0) -> str:
     with pytest.raises(AssertionError) as info:
-        _run(check, objects)
+        _run(check, objects, seed)
     return str(info.value)
 
 
@@ -77,6 +84,33 @@ def test_reference_passes(check: str) -> None:
 def test_bug_is_caught(bug: str, check: str) -> None:
     message = _failure(check, graded_objects(BUGS[bug]))
     assert BUGS[bug].message_contains in message, message
+
+
+@pytest.mark.parametrize("check", sorted(CHECKS))
+def test_reference_passes_on_a_grading_variant(check: str) -> None:
+    _run(check, graded_objects(), seed=GRADING_VARIANT)
+
+
+@pytest.mark.parametrize(
+    ("bug", "check"), [(b.name, c) for b in BUGS.values() for c in b.caught_by]
+)
+def test_bug_is_caught_on_a_grading_variant(bug: str, check: str) -> None:
+    message = _failure(check, graded_objects(BUGS[bug]), seed=GRADING_VARIANT)
+    assert BUGS[bug].message_contains in message, message
+
+
+@pytest.mark.parametrize(
+    ("variant", "check"),
+    [
+        (v.name, c)
+        for v in VARIANTS.values()
+        for c, (_, names) in sorted(CHECKS.items())
+        if set(names) & set(v.replaces)
+    ],
+)
+@pytest.mark.parametrize("seed", [0, GRADING_VARIANT])
+def test_valid_variant_passes(variant: str, check: str, seed: int) -> None:
+    _run(check, graded_objects(VARIANTS[variant]), seed=seed)
 
 
 @pytest.mark.parametrize(

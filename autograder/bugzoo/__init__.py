@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from autograder import reference
 
-__all__ = ["BUGS", "GRADED", "Bug", "graded_objects"]
+__all__ = ["BUGS", "GRADED", "VARIANTS", "Bug", "Variant", "graded_objects"]
 
 GRADED: tuple[str, ...] = (
     "freeze_backbone",
@@ -83,7 +83,24 @@ class Bug:
         return self.caught_by + self.also_fails
 
 
-def graded_objects(bug: Bug | None = None) -> dict[str, object]:
+@dataclass(frozen=True)
+class Variant:
+    """A valid but unusual implementation: every check must PASS it (no false failures).
+
+    Attributes:
+        name: registry key.
+        description: how it differs from the reference, and why that is still correct.
+        notebook: the notebook whose graded objects it replaces.
+        replaces: graded object name -> the variant.
+    """
+
+    name: str
+    description: str
+    notebook: str
+    replaces: dict[str, object] = field(hash=False)
+
+
+def graded_objects(bug: Bug | Variant | None = None) -> dict[str, object]:
     """The reference's graded objects by name, with ``bug``'s replacements swapped in."""
     objects = {name: getattr(reference, name) for name in GRADED}
     if bug is not None:
@@ -111,3 +128,19 @@ def _registry() -> dict[str, Bug]:
 
 
 BUGS: dict[str, Bug] = _registry()
+
+
+def _variants() -> dict[str, Variant]:
+    from autograder.bugzoo import debugging, deep, experiments, frozen, prefix, prompt, serving
+
+    variants: dict[str, Variant] = {}
+    for module in (frozen, prompt, prefix, deep, experiments, serving, debugging):
+        for variant in getattr(module, "VARIANTS", ()):
+            if variant.name in variants or variant.name in BUGS:
+                raise ValueError(f"duplicate variant name {variant.name!r}")
+            variants[variant.name] = variant
+    return variants
+
+
+VARIANTS: dict[str, Variant] = _variants()
+"""Valid-but-unusual implementations every check must pass (see :class:`Variant`)."""

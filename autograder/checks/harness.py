@@ -3,6 +3,10 @@
 * :func:`sandbox` silences warnings and transformers' logger, swallows anything written to
   ``sys.stderr`` (nbgrader scores a test cell 0 when it writes to stderr) and restores the global
   random state afterwards, so running a check never changes what the student's next cell does.
+* :func:`variant` / :func:`seeded`: every input a check builds (tiny models, batches, prefix
+  values) is drawn from ``seeded(n)``. Variant 0, the visible checks, gives ``n`` itself; under
+  grading the variant is a secret drawn per run, so no submission can carry answers computed in
+  advance for known inputs.
 * :func:`student_call` turns the stub's ``NotImplementedError`` into "not implemented yet: fill in
   the YOUR CODE HERE cell of X", and any other exception into an ``AssertionError`` that names
   the call that failed.
@@ -11,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import warnings
@@ -19,9 +24,46 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckFailure", "describe", "max_diff", "name_of", "sandbox", "student_call"]
+__all__ = [
+    "CheckFailure",
+    "current_variant",
+    "describe",
+    "max_diff",
+    "name_of",
+    "sandbox",
+    "seeded",
+    "student_call",
+    "variant",
+]
 
 NOT_IMPLEMENTED = "not implemented yet: fill in the YOUR CODE HERE cell of {}"
+
+_VARIANT: list[int] = [0]
+
+
+@contextlib.contextmanager
+def variant(seed: int) -> Iterator[None]:
+    """Draw every check input from variant ``seed`` while the block runs."""
+    _VARIANT.append(int(seed))
+    try:
+        yield
+    finally:
+        _VARIANT.pop()
+
+
+def current_variant() -> int:
+    """The variant in force (0 outside :func:`variant`)."""
+    return _VARIANT[-1]
+
+
+def seeded(n: int) -> int:
+    """The seed to use for input ``n`` of a check: ``n`` itself in variant 0, else a number
+    derived from ``(variant, n)`` (stable across processes)."""
+    v = _VARIANT[-1]
+    if v == 0:
+        return n
+    digest = hashlib.sha256(f"{v}/{n}".encode()).digest()
+    return int.from_bytes(digest[:6], "little")
 
 
 class CheckFailure(AssertionError):

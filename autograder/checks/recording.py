@@ -70,6 +70,39 @@ class Recording:
         """The attention calls of ``layer``, in order."""
         return [c for c in self.calls if c.layer == layer]
 
+    def to_data(self, keys: bool = True, hidden: bool = False) -> dict[str, Any]:
+        """The recording as observation data (:mod:`autograder.checks.protocol`), detached:
+        per attention call its layer, query and key lengths, the mask as booleans
+        ``(B, Tq, Tk)`` (``visible()``) and, with ``keys``, the key and value tensors; the
+        recorded position ids; the keyword names of each top-level forward; with ``hidden``,
+        the hidden states entering and leaving each layer."""
+        calls = []
+        for c in self.calls:
+            call: dict[str, Any] = {
+                "layer": c.layer,
+                "query_len": c.query_len,
+                "key_len": c.key_len,
+                "visible": c.visible(),
+            }
+            if keys:
+                call["key"] = c.key.detach()
+                call["value"] = c.value.detach()
+            calls.append(call)
+        data: dict[str, Any] = {
+            "calls": calls,
+            "positions": [p.detach() for p in self.positions],
+            "model_kwargs": [sorted(k for k, v in kw.items() if v is not None)
+                             for kw in self.model_inputs],
+        }  # fmt: skip
+        if hidden:
+            data["layer_inputs"] = {
+                str(i): [t.detach() for t in ts] for i, ts in self.layer_inputs.items()
+            }
+            data["layer_outputs"] = {
+                str(i): [t.detach() for t in ts] for i, ts in self.layer_outputs.items()
+            }
+        return data
+
 
 def _recording_attention(
     module: nn.Module,
