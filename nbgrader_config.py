@@ -11,6 +11,9 @@ nbgrader reads this file only from the current directory: run ``nbgrader ...`` f
 - A cell that crashes the kernel or keeps running after the timeout's interrupt no longer aborts
   the whole submission: ``ResilientExecute`` records the error in that cell, restarts the kernel,
   runs the earlier cells again and carries on.
+- Test cells are scored by the GRADER, not from what the kernel displays: the kernel only records
+  observations of the student's code on secret inputs; ``GradedExecute`` judges them in its own
+  process and writes the verdicts into the cells (``autograder/pipeline/verdicts.py``).
 - Grading kernels are "warm" (Linux): forked from one process that has already imported torch,
   transformers, the course and the checks, which saves about 8 s per notebook; each notebook
   still gets its own kernel process (``autograder/pipeline/warm.py``).
@@ -30,8 +33,9 @@ from nbconvert.preprocessors import ClearMetadataPreprocessor, CSSHTMLHeaderPrep
 from nbgrader import preprocessors  # noqa: E402
 
 from autograder.pipeline.coursedir import ARTIFACT_PATTERNS  # noqa: E402
-from autograder.pipeline.execute import ResilientExecute  # noqa: E402
 from autograder.pipeline.feedback import HideHiddenTests  # noqa: E402
+from autograder.pipeline.outputs import LimitOutputBytes  # noqa: E402
+from autograder.pipeline.verdicts import GradedExecute  # noqa: E402
 
 c = get_config()  # noqa: F821  (provided by traitlets when it executes this file)
 
@@ -49,10 +53,11 @@ c.Execute.raise_on_iopub_timeout = False
 # the checks (Linux only; autograder/pipeline/warm.py). False: start every kernel from scratch.
 c.ResilientExecute.warm_kernels = True
 c.Autograde.autograde_preprocessors = [
-    ResilientExecute,
+    GradedExecute,
     preprocessors.IgnorePattern,
     ClearMetadataPreprocessor,
     preprocessors.LimitOutput,
+    LimitOutputBytes,
     preprocessors.SaveAutoGrades,
     preprocessors.AssignLatePenalties,
     preprocessors.CheckCellMetadata,

@@ -1,4 +1,4 @@
-"""The visible-cell API: run a check or check an answer, with or without nbgrader.
+"""The notebook-facing API of the checks, with or without nbgrader.
 
 Works in plain Jupyter, JupyterLab and Colab. Everything it prints goes to STDOUT (nbgrader
 scores a test cell 0 when the cell writes to stderr, and the checks silence warnings)::
@@ -6,23 +6,33 @@ scores a test cell 0 when the cell writes to stderr, and the checks silence warn
     from autograder import selfcheck
     from autograder.checks.prefix import check_prefix_forward
 
-    selfcheck.run(check_prefix_forward, prefix_forward, PrefixEncoder)
+    selfcheck.run(check_prefix_forward, prefix_forward, PrefixEncoder)   # a visible check
     # ✓ prefix_forward: every layer's attention sees that layer's own P prefix keys/values ...
+
+    selfcheck.hidden("check_prefix_forward", prefix_forward, PrefixEncoder)   # a hidden test
 
     selfcheck.check_answer("nb02_q3", my_answer)
     # ✓ nb02_q3: correct
 
-On failure :func:`run` re-raises the check's ``AssertionError`` (its message says what was
-observed, what was expected and the likely mistake), so the cell fails visibly.
+Outside grading each call runs the check here and now: :func:`run` and :func:`hidden` re-raise
+the check's ``AssertionError`` (its message says what was observed, what was expected and the
+likely mistake), so the cell fails visibly.
+
+In a grading kernel (the grader sets :data:`autograder.checks.protocol.CHANNEL_ENV`) nothing is
+decided here: each call only *observes* the student's objects on the grading run's secret
+inputs and hands the observation to the grader, which judges it in its own process and writes
+the verdict into the graded cell (:mod:`autograder.pipeline.verdicts`). Which checks a graded
+cell must deliver is read from the grader's own copy of the cell, so rebinding, patching or
+hooking anything in the kernel can at most withhold an observation, which the grader reports.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from autograder import answers
+from autograder.checks import protocol
 
-__all__ = ["check_answer", "run"]
+__all__ = ["check_answer", "hidden", "run"]
 
 
 def _summary(check: Callable) -> str:
@@ -31,9 +41,21 @@ def _summary(check: Callable) -> str:
     return " ".join(doc.split())
 
 
+def _captured(name: str, objects: tuple) -> bool:
+    """Under grading: observe check ``name`` for the grader and say so; else False."""
+    channel = protocol.grading_channel()
+    if channel is None:
+        return False
+    protocol.capture(name, objects, channel)
+    print(f"recorded for the grader: {name}")
+    return True
+
+
 def run(check: Callable[..., None], *objects: object) -> None:
     """``check(*objects)``; prints ``✓ <what passed>`` on success, re-raises its
     ``AssertionError`` (message only, no grader traceback) on failure."""
+    if _captured(getattr(check, "__name__", "?"), objects):
+        return
     try:
         check(*objects)
     except AssertionError as err:
@@ -41,8 +63,28 @@ def run(check: Callable[..., None], *objects: object) -> None:
     print(f"✓ {_summary(check)}")
 
 
+def hidden(name: str, *objects: object, **params: object) -> None:
+    """A hidden test: the check called ``name`` (a key of ``autograder.checks.CHECKS``) on
+    ``objects``. ``params`` are literal settings the grader reads from its own copy of the
+    cell (a task name, say); here they are passed to the check as keywords."""
+    if _captured(name, (*objects, *params.values())):
+        return
+    from autograder.checks import get_check
+
+    check = get_check(name)
+    try:
+        check(*objects, **params)
+    except AssertionError as err:
+        raise AssertionError(str(err)) from None
+    print(f"✓ {_summary(check)}")
+
+
 def check_answer(question_id: str, answer: object) -> bool:
     """Say whether ``answer`` is right for ``question_id`` (printed), and return it."""
+    if _captured("check_answer", (question_id, answer)):
+        return True
+    from autograder import answers
+
     try:
         right = answers.is_correct(question_id, answer)
     except KeyError:

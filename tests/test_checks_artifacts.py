@@ -104,3 +104,46 @@ def test_quiz_reads_the_keys_from_disk(monkeypatch):
     monkeypatch.setattr(answers, "KEYS", {qid: "same"})
     with pytest.raises(AssertionError, match="is not the answer"):
         quiz.check_answer(qid, wrong)
+
+
+def test_a_modified_notebook_backbone_is_refused(tiny_lm):
+    """The notebook's own backbone must be the released one, bit for bit."""
+    model, _ = tiny_lm
+    prompt = reference.SoftPrompt(4, model.get_input_embeddings(), init="vocab", seed=1)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1e-3
+    try:
+        with pytest.raises(AssertionError, match="not bit-identical to the released 'tiny'"):
+            artifacts.check_prompt_artifact(prompt, model, threshold=0, n=N)
+    finally:
+        with torch.no_grad():
+            model.lm_head.weight[0, 0] -= 1e-3
+
+
+def test_a_backbone_the_grader_lacks_is_named(tiny_lm, monkeypatch):
+    model, _ = tiny_lm
+    prompt = reference.SoftPrompt(4, model.get_input_embeddings(), init="vocab", seed=1)
+    import dataclasses
+
+    choice = dataclasses.replace(model.course_choice, name="smollm2-135m")
+    monkeypatch.setattr(model, "course_choice", choice)
+    monkeypatch.setattr(artifacts, "graded_backbones", lambda: ["tiny"])
+    with pytest.raises(AssertionError, match="which this grader does not have; it can score"):
+        artifacts.check_prompt_artifact(prompt, model, threshold=0, n=N)
+
+
+def test_stamps_round_trip_and_reject_junk(tiny_lm, tmp_path):
+    from course.artifacts import read_stamp, stamp, stamp_path
+
+    model, _ = tiny_lm
+    target = tmp_path / "prompt.pt"
+    assert read_stamp(target) is None
+    written = stamp(target, model)
+    assert written == stamp_path(target) and written.name == "prompt.pt.backbone.json"
+    assert read_stamp(target)["name"] == "tiny"
+    written.write_text("{not json")
+    with pytest.raises(ValueError, match="not a backbone stamp"):
+        read_stamp(target)
+    written.write_text('{"name": 3}')
+    with pytest.raises(ValueError, match="needs name"):
+        read_stamp(target)

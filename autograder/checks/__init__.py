@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-__all__ = ["CHECKS", "get_check"]
+__all__ = ["CHECKS", "NOTEBOOK_CHECKS", "get_check"]
 
 CHECKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "check_freeze_backbone": ("frozen", ("freeze_backbone",)),
@@ -62,7 +62,23 @@ graded objects it takes, in order). ``check_backbone_unchanged_after_training`` 
 it takes adapters, and the training checks above call it for the students."""
 
 
+NOTEBOOK_CHECKS: dict[str, tuple[str, tuple[str, ...]]] = {
+    **CHECKS,
+    "check_answer": ("quiz", ("question_id", "answer")),
+    "check_prompt_artifact": ("artifacts", ("prompt", "model")),
+    "check_prefix_artifact": ("artifacts", ("encoder", "model")),
+    "check_sweep_artifact": ("experiments", ("study", "model")),
+    "check_count_parameters_by_group": ("tour", ("count_parameters_by_group",)),
+    "check_freeze_except": ("tour", ("freeze_except",)),
+    "check_layer_hidden_states": ("tour", ("layer_hidden_states",)),
+    "check_predict_cache_shapes": ("tour", ("predict_cache_shapes",)),
+}
+"""Every check a notebook cell may call: :data:`CHECKS` (each has known-buggy twins in the bug
+zoo) plus the multiple-choice answers, the trained artifacts (they take what the notebook
+produced rather than graded code) and notebook 00's tour checks."""
+
+
 def get_check(name: str) -> Callable[..., None]:
-    """The check function called ``name`` (a key of :data:`CHECKS`)."""
-    module, _ = CHECKS[name]
+    """The check function called ``name`` (a key of :data:`NOTEBOOK_CHECKS`)."""
+    module, _ = NOTEBOOK_CHECKS[name]
     return getattr(importlib.import_module(f"autograder.checks.{module}"), name)

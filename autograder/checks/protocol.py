@@ -288,13 +288,13 @@ class Observed:
 # ------------------------------------------------------------------------------- running
 
 
-def resolve(name: str) -> tuple[Callable[..., dict], Callable[[Observed], None]]:
+def resolve(name: str) -> tuple[Callable[..., dict], Callable[..., None]]:
     """``(observe, judge)`` of the check called ``name`` (``"check_prefix_forward"``)."""
-    from autograder.checks import CHECKS
+    from autograder.checks import NOTEBOOK_CHECKS
 
-    if name not in CHECKS:
+    if name not in NOTEBOOK_CHECKS:
         raise KeyError(f"unknown check {name!r}")
-    module = importlib.import_module(f"autograder.checks.{CHECKS[name][0]}")
+    module = importlib.import_module(f"autograder.checks.{NOTEBOOK_CHECKS[name][0]}")
     stem = name.removeprefix("check_")
     return getattr(module, f"observe_{stem}"), getattr(module, f"judge_{stem}")
 
@@ -315,21 +315,29 @@ def observe_safely(observe: Callable[..., dict], objects: tuple, seed: int) -> d
 
 
 def judge_observation(
-    judge: Callable[[Observed], None], data: Mapping[str, Any], seed: int
+    judge: Callable[..., None],
+    data: Mapping[str, Any],
+    seed: int,
+    params: Mapping[str, Any] | None = None,
 ) -> None:
-    """Judge ``data`` on variant ``seed``; raises ``AssertionError`` with the student's message."""
+    """Judge ``data`` on variant ``seed``; raises ``AssertionError`` with the student's message.
+
+    ``params`` are the grader's own settings for this use of the check (a question id, a task
+    name), passed to the judge as keywords; under grading they come from the grader's copy of
+    the cell, never from the kernel."""
     if FAILED in data:
         message = data[FAILED]
         raise CheckFailure(message if isinstance(message, str) else "the check failed")
     with sandbox(), variant(seed):
-        judge(Observed(data))
+        judge(Observed(data), **dict(params or {}))
 
 
 def run_check(
     observe: Callable[..., dict],
-    judge: Callable[[Observed], None],
+    judge: Callable[..., None],
     *objects: object,
     seed: int = 0,
+    params: Mapping[str, Any] | None = None,
 ) -> None:
     """Observe then judge in this process, through the same serialisation as grading."""
     obs = observe_safely(observe, objects, seed)
@@ -337,7 +345,7 @@ def run_check(
         tensors, text = encode(obs)
     except TypeError as err:
         raise AssertionError(f"the check could not record its observation: {err}") from None
-    judge_observation(judge, decode(tensors, text), seed)
+    judge_observation(judge, decode(tensors, text), seed, params)
 
 
 # ------------------------------------------------------------------------------- grading
@@ -375,10 +383,10 @@ def capture(name: str, objects: tuple, channel: tuple[Path, int]) -> Path:
     return path
 
 
-def judge_file(name: str, path: Path, seed: int) -> None:
+def judge_file(name: str, path: Path, seed: int, params: Mapping[str, Any] | None = None) -> None:
     """In the grader: judge the observation of check ``name`` stored at ``path``."""
     _, judge = resolve(name)
-    judge_observation(judge, read(path), seed)
+    judge_observation(judge, read(path), seed, params)
 
 
 def scratch_channel() -> Path:

@@ -24,7 +24,7 @@ from traitlets.config.loader import PyFileConfigLoader
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The repository that holds the ``course`` and ``autograder`` packages grading kernels import."""
 
-ARTIFACT_PATTERNS = ("*.pt", "*.pth", "*.safetensors", "*.bin")
+ARTIFACT_PATTERNS = ("*.pt", "*.pth", "*.safetensors", "*.bin", "*.backbone.json")
 """Files a notebook run saves (trained prompts, prefixes): never released, never overwritten."""
 
 CONFIG_NAME = "nbgrader_config.py"

@@ -31,8 +31,22 @@ class HideHiddenTests(ClearHiddenTests):
     def preprocess_cell(
         self, cell: NotebookNode, resources: Any, cell_index: int
     ) -> tuple[NotebookNode, Any]:
-        """Strip the hidden region of ``cell``; shorten its error outputs if it had one."""
-        if self._remove_hidden_test_region(cell) and cell.cell_type == "code":
+        """Strip the hidden region of a grader's test cell; shorten its error outputs.
+
+        Only the grader's own test cells (graded, locked, not an answer cell) have hidden
+        regions: a student's cell that merely contains the marker text is left alone (it used to
+        make feedback fail), and an unbalanced region never raises."""
+        meta = cell.get("metadata", {}).get("nbgrader", {})
+        if not (meta.get("grade") and meta.get("locked") and not meta.get("solution")):
+            return cell, resources
+        try:
+            removed = self._remove_hidden_test_region(cell)
+        except RuntimeError:  # BEGIN without END: hide everything from the first marker on
+            lines = cell.source.splitlines()
+            first = next(i for i, line in enumerate(lines) if BEGIN in line)
+            cell.source = "\n".join(lines[:first])
+            removed = True
+        if removed and cell.cell_type == "code":
             for output in cell.outputs:
                 if output.output_type == "error":
                     output.traceback = [f"\x1b[0;31m{output.ename}\x1b[0m: {output.evalue}"]

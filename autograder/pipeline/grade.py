@@ -30,6 +30,7 @@ from autograder.pipeline.execute import KERNEL_DIED, KERNEL_UNAVAILABLE, KERNEL_
 from autograder.pipeline.feedback import hidden_lines, leaked_hidden_lines
 from autograder.pipeline.report import NotebookResult, read_scores
 from autograder.pipeline.submissions import Issue, Staged, cell_label, stage
+from autograder.pipeline.verdicts import GRADER_ERROR, TAMPERING
 
 TIMEOUT_ERROR = "CellTimeoutError"
 """The ``ename`` nbgrader records for a cell interrupted at the time limit."""
@@ -109,7 +110,12 @@ def execution_issues(notebook: Path, name: str) -> list[Issue]:
             if output.get("output_type") != "error":
                 continue
             where = cell_label(cell, index)
-            if output.ename == KERNEL_DIED:
+            if output.ename == TAMPERING:
+                detail = f"{where}: {output.evalue}"
+                issues.append(Issue("tampering", name, detail))
+            elif output.ename == GRADER_ERROR:
+                issues.append(Issue("error", name, f"{where}: {output.evalue}"))
+            elif output.ename == KERNEL_DIED:
                 detail = f"the kernel died in {where}; restarted, the other cells were graded"
                 issues.append(Issue("crash", name, detail))
             elif output.ename == KERNEL_UNRESPONSIVE:

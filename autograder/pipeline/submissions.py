@@ -46,7 +46,7 @@ class Issue:
 
     kind: str
     """``missing``, ``malformed``, ``metadata``, ``duplicate``, ``deleted``, ``crash``, ``hang``,
-    ``timeout``, ``error``, ``extra`` or ``code``."""
+    ``timeout``, ``tampering``, ``backbone``, ``error``, ``extra`` or ``code``."""
     notebook: str
     detail: str
 
@@ -218,6 +218,9 @@ def stage(
     if removed:
         detail = f"removed code handed in beside the notebooks: {', '.join(removed)}"
         staged.issues.append(Issue("code", "*", detail))
+    from autograder.pipeline.verdicts import stamped_backbone
+
+    staged.issues += [Issue("backbone", "*", note) for note in stamped_backbone(dest)[1]]
     for extra in sorted(set(p.stem for p in dest.glob("*.ipynb")) - set(sources)):
         staged.issues.append(Issue("extra", extra, f"{extra}.ipynb is not part of the assignment"))
     for name in staged.notebooks:
