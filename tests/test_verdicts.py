@@ -14,7 +14,9 @@ from nbgrader.utils import determine_grade
 
 from autograder.pipeline.verdicts import TAMPERING, Expected, GradedExecute, expected_checks
 
-GOOD = "def freeze_backbone(model):\n    for p in model.parameters():\n        p.requires_grad_(False)"
+GOOD = (
+    "def freeze_backbone(model):\n    for p in model.parameters():\n        p.requires_grad_(False)"
+)
 WRONG = "def freeze_backbone(model):\n    model.eval()  # freezes nothing"
 SETUP = "import autograder.checks.frozen\nfrom autograder import checks, selfcheck"
 TEST_FREEZE = (
@@ -51,7 +53,7 @@ def _notebook(freeze: str = GOOD, answer: str = '"b"', attack: str = "") -> nbfo
         _cell(TEST_QUIZ, "test_q1", points=1),
     ]
     nb = nbformat.v4.new_notebook(cells=cells)
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3"}
     return nb
 
 
