@@ -1,7 +1,13 @@
-"""Per-device budgets: how much work a notebook cell does on a CPU versus a GPU runtime."""
+"""Per-device budgets: how much work a notebook cell does on a CPU versus a GPU runtime.
+
+``COURSE_MAX_STEPS`` (an environment variable) caps every budget: the benchmark that proves each
+notebook runs on a real backbone on a CPU (``python -m benchmarks.notebook_times --model
+smollm2-135m``) sets it to a few steps.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -26,7 +32,14 @@ class Budget:
     def steps(self, device: torch.device | str | None = None) -> int:
         """The budget for ``device`` (None: the device the course would pick)."""
         dev = torch.device(device) if device is not None else pick_device()
-        return self.cpu if dev.type == "cpu" else self.gpu
+        steps = self.cpu if dev.type == "cpu" else self.gpu
+        cap = os.environ.get("COURSE_MAX_STEPS", "").strip()
+        if cap:
+            try:
+                steps = min(steps, max(0, int(cap)))
+            except ValueError:
+                raise ValueError(f"COURSE_MAX_STEPS must be a whole number, not {cap!r}") from None
+        return steps
 
 
 def step_budget(cpu: int, gpu: int, device: torch.device | str | None = None) -> int:
