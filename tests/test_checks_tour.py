@@ -1,7 +1,10 @@
 """The notebook-00 checks pass the solutions and fail each known-buggy twin with the right message.
 
 The solutions are the ones in ``solutions/00_backbone_tour``; each twin makes one realistic
-mistake. (The twins live here rather than in the bug zoo, see ``tour_twins`` below.)
+mistake, and two "twins" write down the answers for the fixed tiny models in advance (the drawn
+architectures catch them). The twins live here rather than in the bug zoo: notebook 00's
+solutions have no reference implementation in ``autograder.reference``. Every check runs at
+variant 0 and at a grading variant; the judges are also fed forged and malformed observations.
 """
 
 from __future__ import annotations
@@ -9,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from autograder.checks import tour
+from autograder.checks import protocol, tour
+from autograder.checks.harness import variant
 
 GROUPS = tour.GROUP_KEYS
 
@@ -48,6 +52,15 @@ def predict_cache_shapes(config, batch, seq):
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     shape = (batch, kv_heads, seq, head_dim)
     return [(shape, shape) for _ in range(config.num_hidden_layers)]
+
+
+def _fixed_counts() -> dict[str, dict[str, int]]:
+    from autograder.checks.models import tiny_models
+
+    return {label: count_parameters_by_group(model) for label, model in tiny_models()}
+
+
+expected_counts_of_fixed_models = _fixed_counts()
 
 
 # --- known-buggy twins -------------------------------------------------------------------------
@@ -182,12 +195,30 @@ def cache_one_layer(config, batch, seq):
     return predict_cache_shapes(config, batch, seq)[:1]
 
 
+def cache_config_constants(config, batch, seq):  # the fixed tiny models' geometry, hard-coded
+    kv_heads, head_dim = (4, 8) if config.model_type == "gpt2" else (2, 16)
+    return [((batch, kv_heads, seq, head_dim),) * 2 for _ in range(3)]
+
+
+def count_constants(model):  # the fixed tiny models' counts, written down in advance
+    gpt2 = model.config.model_type == "gpt2"
+    return expected_counts_of_fixed_models["GPT-2" if gpt2 else "Llama-GQA"]
+
+
 # --- tests ---------------------------------------------------------------------------------------
+GRADING_VARIANT = 918273  # as in test_bugzoo: grading draws every input from a secret variant
+
 CHECKS = {
     "count": (tour.check_count_parameters_by_group, count_parameters_by_group),
     "freeze": (tour.check_freeze_except, freeze_except),
     "hidden": (tour.check_layer_hidden_states, layer_hidden_states),
     "cache": (tour.check_predict_cache_shapes, predict_cache_shapes),
+}
+HALVES = {
+    "count": (tour.observe_count_parameters_by_group, tour.judge_count_parameters_by_group),
+    "freeze": (tour.observe_freeze_except, tour.judge_freeze_except),
+    "hidden": (tour.observe_layer_hidden_states, tour.judge_layer_hidden_states),
+    "cache": (tour.observe_predict_cache_shapes, tour.judge_predict_cache_shapes),
 }
 
 tour_twins = [
@@ -210,33 +241,51 @@ tour_twins = [
     ("cache", cache_default_head_dim, "head_dim=16 explicitly"),
     ("cache", cache_seq_first, "heads before seq"),
     ("cache", cache_one_layer, "one (key_shape, value_shape) pair per layer"),
+    ("cache", cache_config_constants, "predicted"),
+    ("count", count_constants, "counts"),
 ]
 
 
+def _run(name: str, fn, seed: int) -> None:
+    if seed == 0:
+        CHECKS[name][0](fn)
+    else:
+        protocol.run_check(*HALVES[name], fn, seed=seed)
+
+
+def _observation(name: str, seed: int) -> dict:
+    """What the solution's observation looks like after the trip to the grader."""
+    obs = protocol.observe_safely(HALVES[name][0], (CHECKS[name][1],), seed)
+    assert protocol.FAILED not in obs, obs
+    return protocol.decode(*protocol.encode(obs))
+
+
+def _judge(name: str, data: dict, seed: int = 0) -> None:
+    protocol.judge_observation(HALVES[name][1], data, seed)
+
+
+@pytest.mark.parametrize("seed", [0, GRADING_VARIANT])
 @pytest.mark.parametrize("name", sorted(CHECKS))
-def test_check_passes_solution(name):
-    check, solution = CHECKS[name]
-    check(solution)
+def test_check_passes_solution(name, seed):
+    _run(name, CHECKS[name][1], seed)
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_check_fails_stub(name):
-    check, _ = CHECKS[name]
-
     def stub(*args):
         raise NotImplementedError
 
     with pytest.raises(AssertionError, match="not implemented"):
-        check(stub)
+        CHECKS[name][0](stub)
 
 
+@pytest.mark.parametrize("seed", [0, GRADING_VARIANT])
 @pytest.mark.parametrize(
     ("name", "buggy", "fragment"), tour_twins, ids=[t[1].__name__ for t in tour_twins]
 )
-def test_check_fails_twin(name, buggy, fragment):
-    check, _ = CHECKS[name]
+def test_check_fails_twin(name, buggy, fragment, seed):
     with pytest.raises(AssertionError) as info:
-        check(buggy)
+        _run(name, buggy, seed)
     assert fragment in str(info.value), str(info.value)
 
 
@@ -244,3 +293,83 @@ def test_expected_groups_add_up(tiny_model):
     counts = tour.expected_groups(tiny_model)
     assert counts["total"] == sum(p.numel() for p in tiny_model.parameters())
     assert sum(counts[k] for k in tour.GROUP_KEYS) == counts["total"]
+
+
+def test_drawn_architectures_change_with_the_variant():
+    with variant(0):
+        plain = tour._labels()
+    with variant(GRADING_VARIANT):
+        graded = tour._labels()
+    assert plain[:2] == graded[:2] == ["GPT-2", "Llama-GQA"]
+    assert len(plain) == len(graded) == 4 and plain[2:] != graded[2:]
+
+
+# --- the judges decide from the data alone, and refuse forged observations -----------------------
+def _forge_count(data):
+    data["models"][2]["result"]["total"] += 1
+
+
+def _forge_freeze_flags(data):
+    case = data["models"][3]["cases"][1]
+    case["trainable"] = case["trainable"][1:]
+
+
+def _forge_freeze_values(data):
+    values = data["models"][0]["values"]
+    name = next(iter(values))
+    values[name] = values[name] + 1e-3
+
+
+def _forge_hidden(data):
+    hidden = data["models"][3]["hidden"]
+    hidden[1] = hidden[1] + 1e-3
+
+
+def _forge_cache(data):
+    shapes = data["models"][3]["sizes"][2]["shapes"]
+    shapes[0][1][2] += 1
+
+
+FORGERIES = [
+    ("count", _forge_count),
+    ("freeze", _forge_freeze_flags),
+    ("freeze", _forge_freeze_values),
+    ("hidden", _forge_hidden),
+    ("cache", _forge_cache),
+]
+
+
+@pytest.mark.parametrize(("name", "forge"), FORGERIES, ids=[f.__name__ for _, f in FORGERIES])
+def test_judge_refuses_a_forged_observation(name, forge):
+    data = _observation(name, GRADING_VARIANT)
+    _judge(name, data, GRADING_VARIANT)  # the genuine observation passes
+    forge(data)
+    with pytest.raises(AssertionError) as info:
+        _judge(name, data, GRADING_VARIANT)
+    assert not isinstance(info.value, protocol.MalformedObservation)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_an_observation_made_on_another_variant_fails(name):
+    with pytest.raises(AssertionError):
+        _judge(name, _observation(name, 0), GRADING_VARIANT)
+
+
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [("count", "result"), ("freeze", "typo_refused"), ("hidden", "hidden"), ("cache", "sizes")],
+)
+def test_judge_reports_a_missing_field_as_malformed(name, field):
+    data = _observation(name, 0)
+    del data["models"][1][field]
+    with pytest.raises(protocol.MalformedObservation):
+        _judge(name, data)
+    with pytest.raises(protocol.MalformedObservation):
+        _judge(name, {})
+
+
+def test_judge_reports_a_mistyped_field_as_malformed():
+    data = _observation("cache", 0)
+    data["models"][0]["sizes"][0]["shapes"] = "[[2, 4, 5, 8]]"
+    with pytest.raises(protocol.MalformedObservation):
+        _judge("cache", data)

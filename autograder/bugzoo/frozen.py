@@ -1,12 +1,21 @@
-"""Freezing mistakes: the backbone keeps trainable parameters, so training changes it."""
+"""Freezing mistakes: the backbone keeps trainable parameters, so training changes it; and valid
+ways to freeze it that every check must pass (:data:`VARIANTS`)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from autograder.bugzoo import Bug
+from autograder.bugzoo import Bug, Variant
 
-__all__ = ["BUGS", "freeze_decoder_only", "freeze_matrices_only", "freeze_with_eval"]
+__all__ = [
+    "BUGS",
+    "VARIANTS",
+    "freeze_decoder_only",
+    "freeze_every_name",
+    "freeze_matrices_only",
+    "freeze_module_method",
+    "freeze_with_eval",
+]
 
 
 def freeze_decoder_only(model: nn.Module) -> nn.Module:
@@ -66,5 +75,37 @@ BUGS = [
         replaces={"freeze_backbone": freeze_with_eval},
         caught_by=("check_freeze_backbone", "check_prompt_training", "check_prefix_training"),
         message_contains="requires_grad",
+    ),
+]
+
+
+def freeze_module_method(model: nn.Module) -> nn.Module:
+    """``model.requires_grad_(False)``: one call on the module, recursively."""
+    return model.requires_grad_(False)
+
+
+def freeze_every_name(model: nn.Module) -> nn.Module:
+    """Walks every module's own parameters, a tied tensor once per module that holds it."""
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            p.requires_grad = False
+    return model
+
+
+VARIANTS = [
+    Variant(
+        name="freeze_with_module_method",
+        description="freeze_backbone calls model.requires_grad_(False)",
+        notebook="01",
+        replaces={"freeze_backbone": freeze_module_method},
+    ),
+    Variant(
+        name="freeze_module_by_module",
+        description=(
+            "freeze_backbone walks model.modules() and freezes each module's own parameters "
+            "(a tied tensor is visited twice)"
+        ),
+        notebook="01",
+        replaces={"freeze_backbone": freeze_every_name},
     ),
 ]

@@ -1,5 +1,6 @@
 """Prompt-tuning mistakes (notebook 01): initialisation, prepending, labels, save/load, and
-prompt tuning built as a key/value prefix."""
+prompt tuning built as a key/value prefix; and valid but unusual implementations every check
+must pass (:data:`VARIANTS`)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autograder.bugzoo import Bug
+from autograder.bugzoo import Bug, Variant
 from autograder.reference import IGNORE_INDEX, SoftPrompt
 from course.compat import cache_keyword, kv_geometry, make_cache
 
-__all__ = ["BUGS"]
+__all__ = ["BUGS", "VARIANTS"]
 
 
 class UnitNormalSoftPrompt(SoftPrompt):
@@ -25,6 +26,18 @@ class UnitNormalSoftPrompt(SoftPrompt):
             gen = torch.Generator().manual_seed(seed)
             with torch.no_grad():
                 self.weight.copy_(torch.randn(self.weight.shape, generator=gen))
+
+
+class RepeatedRowSoftPrompt(SoftPrompt):
+    """``init="random"`` draws ONE vector of d values at the right scale and repeats it for the
+    P rows (a shape slip: ``randn(d)`` instead of ``randn(P, d)``): every prompt token starts
+    identical."""
+
+    def __init__(self, n_tokens, embedding, init="random", init_ids=None, seed=0) -> None:
+        super().__init__(n_tokens, embedding, init, init_ids, seed)
+        if init == "random":
+            with torch.no_grad():
+                self.weight.copy_(self.weight[:1].expand_as(self.weight))
 
 
 class EmbeddingKeepingSoftPrompt(SoftPrompt):
@@ -133,6 +146,16 @@ def load_prompt_reinitialised(path: str | Path, embedding: nn.Embedding) -> Soft
     return SoftPrompt(state["weight"].shape[0], embedding)
 
 
+def load_prompt_ignoring_width(path: str | Path, embedding: nn.Embedding) -> SoftPrompt:
+    """Puts the saved tensor in as the prompt's weight, whatever its width: a prompt saved for
+    another model loads without complaint (and fails later, deep inside the forward pass)."""
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    prompt = SoftPrompt(state["weight"].shape[0], embedding)
+    weight = state["weight"].to(embedding.weight.device, embedding.weight.dtype)
+    prompt.weight = nn.Parameter(weight)
+    return prompt
+
+
 BUGS = [
     Bug(
         name="prompt_init_unit_normal",
@@ -144,6 +167,17 @@ BUGS = [
         replaces={"SoftPrompt": UnitNormalSoftPrompt},
         caught_by=("check_soft_prompt",),
         message_contains="N(0, 1)",
+    ),
+    Bug(
+        name="prompt_random_rows_repeated",
+        description=(
+            "init='random' draws one d-vector and repeats it for every prompt token: the scale "
+            "is right but the P rows start identical"
+        ),
+        notebook="01",
+        replaces={"SoftPrompt": RepeatedRowSoftPrompt},
+        caught_by=("check_soft_prompt",),
+        message_contains="identical rows",
     ),
     Bug(
         name="prompt_keeps_embedding",
@@ -250,5 +284,140 @@ BUGS = [
         caught_by=("check_save_load_prompt",),
         message_contains="differs from the saved one",
         downstream=("check_prompt_artifact",),
+    ),
+    Bug(
+        name="load_prompt_ignores_width",
+        description=(
+            "load_prompt installs the saved tensor whatever its width: a prompt saved for another "
+            "model loads silently instead of raising ValueError (the notebook catches ValueError "
+            "to retrain; a wrong width otherwise fails later inside torch.cat)"
+        ),
+        notebook="01",
+        replaces={"load_prompt": load_prompt_ignoring_width},
+        caught_by=("check_save_load_prompt",),
+        message_contains="ValueError",
+    ),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# valid but unusual implementations
+# ---------------------------------------------------------------------------------------------
+class EmbeddingLayoutSoftPrompt(nn.Module):
+    """PEFT's layout: the prompt is an ``nn.Embedding(P, d)`` (its parameter is named
+    ``embedding.weight``), exposed as ``weight``; built by an ``nn.Embedding`` constructor, which
+    draws from the global random state before the seeded values replace it."""
+
+    def __init__(self, n_tokens, embedding, init="random", init_ids=None, seed=0) -> None:
+        super().__init__()
+        values = SoftPrompt(n_tokens, embedding, init, init_ids, seed).weight.detach()
+        self.embedding = nn.Embedding(*values.shape, device=values.device, dtype=values.dtype)
+        with torch.no_grad():
+            self.embedding.weight.copy_(values)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.embedding.weight
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.embedding.weight.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+class OtherDrawSoftPrompt(nn.Module):
+    """Random values drawn another way (``normal_`` on an empty tensor, at the mean per-row std,
+    from a generator offset by one draw), vocabulary rows sampled without replacement, and
+    ``forward`` returning a copy (``repeat``) rather than a view."""
+
+    def __init__(self, n_tokens, embedding, init="random", init_ids=None, seed=0) -> None:
+        super().__init__()
+        table = embedding.weight.detach()
+        gen = torch.Generator().manual_seed(seed)
+        torch.rand(1, generator=gen)
+        if init == "random":
+            std = table.float().std(dim=1).mean().item()
+            values = torch.empty(n_tokens, table.shape[1]).normal_(0.0, std, generator=gen)
+        elif init == "vocab":
+            values = table[torch.randperm(table.shape[0], generator=gen)[:n_tokens]].float()
+        elif init == "text":
+            values = torch.stack([table[init_ids[i % len(init_ids)]] for i in range(n_tokens)])
+        else:
+            raise ValueError(f"unknown init {init!r}")
+        self.weight = nn.Parameter(values.clone().to(table.device, table.dtype))
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        return self.weight.unsqueeze(0).repeat(batch_size, 1, 1)
+
+
+def prepend_bool_mask(model, prompt, input_ids, attention_mask, labels=None):
+    """Looks the tokens up in the embedding table directly, returns a boolean mask and
+    ``labels=None`` when no labels are given."""
+    embeds = model.get_input_embeddings().weight[input_ids]
+    soft = prompt(input_ids.shape[0])
+    n = soft.shape[1]
+    ones = torch.ones(input_ids.shape[0], n, dtype=torch.bool, device=input_ids.device)
+    return {
+        "inputs_embeds": torch.cat([soft.to(embeds.dtype), embeds], dim=1),
+        "attention_mask": torch.cat([ones, attention_mask.bool()], dim=1),
+        "labels": None
+        if labels is None
+        else torch.cat([torch.full_like(labels[:, :n], IGNORE_INDEX), labels], dim=1),
+    }
+
+
+def save_prompt_safetensors(prompt, path: str | Path) -> Path:
+    """Writes the prompt as a safetensors file (not a pickle)."""
+    from safetensors.torch import save_file
+
+    save_file({"prompt": prompt.weight.detach().cpu().contiguous()}, str(path))
+    return Path(path)
+
+
+def load_prompt_safetensors(path: str | Path, embedding: nn.Embedding) -> SoftPrompt:
+    """Reads :func:`save_prompt_safetensors`' file straight onto the embedding's device and
+    dtype; a prompt of another width is refused with ValueError."""
+    from safetensors.torch import load_file
+
+    weight = load_file(str(path))["prompt"]
+    if weight.shape[1] != embedding.weight.shape[1]:
+        raise ValueError(f"width {weight.shape[1]} != {embedding.weight.shape[1]}")
+    prompt = SoftPrompt(weight.shape[0], embedding, init="text", init_ids=[0])
+    with torch.no_grad():
+        prompt.weight.copy_(weight)
+    return prompt
+
+
+VARIANTS = [
+    Variant(
+        name="prompt_peft_layout",
+        description=(
+            "SoftPrompt keeps its (P, d) values in an nn.Embedding(P, d) as PEFT does, exposed as "
+            ".weight: the parameter is named embedding.weight"
+        ),
+        notebook="01",
+        replaces={"SoftPrompt": EmbeddingLayoutSoftPrompt},
+    ),
+    Variant(
+        name="prompt_other_draws",
+        description=(
+            "SoftPrompt draws its random init and its vocabulary rows differently (still normal at "
+            "the embedding's scale, still seeded) and forward returns a copy, not a view"
+        ),
+        notebook="01",
+        replaces={"SoftPrompt": OtherDrawSoftPrompt},
+    ),
+    Variant(
+        name="prepend_bool_mask",
+        description=(
+            "prepend_prompt returns a boolean attention mask and labels=None when no labels are "
+            "given, and indexes the embedding table instead of calling the module"
+        ),
+        notebook="01",
+        replaces={"prepend_prompt": prepend_bool_mask},
+    ),
+    Variant(
+        name="prompt_saved_as_safetensors",
+        description="save_prompt / load_prompt use a safetensors file instead of torch.save",
+        notebook="01",
+        replaces={"save_prompt": save_prompt_safetensors, "load_prompt": load_prompt_safetensors},
     ),
 ]
