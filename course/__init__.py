@@ -3,7 +3,14 @@
 Graded solutions never live here; see ``solutions/`` and ``autograder/``.
 """
 
-from course.backbone import BackboneError, load_backbone, pick_device, resolve_backbone
+from course.backbone import (
+    BackboneError,
+    available_backbones,
+    backbone_signature,
+    load_backbone,
+    pick_device,
+    resolve_backbone,
+)
 from course.compat import cache_keyword, kv_geometry, make_cache
 from course.training import (
     TrainResult,
@@ -23,6 +30,8 @@ __all__ = [
     "BackboneError",
     "TrainResult",
     "__version__",
+    "available_backbones",
+    "backbone_signature",
     "batches",
     "cache_keyword",
     "encode_examples",

