@@ -4,7 +4,9 @@ against monkeypatching."""
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,16 @@ from torch import nn
 
 from autograder import reference
 from autograder.bugzoo import graded_objects
-from autograder.checks import CHECKS, frozen, get_check, guard, harness, prefix, recording
+from autograder.checks import (
+    CHECKS,
+    frozen,
+    get_check,
+    guard,
+    harness,
+    prefix,
+    protocol,
+    recording,
+)
 from autograder.checks.models import KINDS, Batch, tiny_model
 from course.compat import kv_geometry
 
@@ -171,7 +182,7 @@ def test_guard_finds_nothing_in_a_clean_session() -> None:
 def test_fresh_module_is_a_new_copy_that_works() -> None:
     copy = guard.fresh("autograder.checks.prefix")
     assert copy is not prefix
-    assert copy.reference is not reference
+    assert copy.student_call is not harness.student_call  # its imports are fresh copies too
     assert sys.modules["autograder.checks.prefix"] is prefix
     assert sys.modules["autograder.reference"] is reference
     copy.check_build_prefix_cache(reference.build_prefix_cache)
@@ -204,3 +215,230 @@ def test_guard_detects_a_replaced_module(monkeypatch) -> None:
 def test_guard_detects_a_rebound_import(monkeypatch) -> None:
     monkeypatch.setattr(prefix, "student_call", lambda what, fn, *a, **k: fn(*a, **k))
     assert "autograder.checks.prefix.student_call was replaced" in guard.tampering()
+
+
+# ---------------------------------------------------------------------------------------------
+# prompt checks (notebook 01): judged from the observation alone, forgeries refused
+# ---------------------------------------------------------------------------------------------
+GRADING_VARIANT = 918273  # as in test_bugzoo
+
+PROMPT_CHECKS = (
+    "check_soft_prompt",
+    "check_prepend_prompt",
+    "check_prompt_equivalence",
+    "check_peft_prompt_equivalence",
+    "check_prompt_training",
+    "check_save_load_prompt",
+)
+
+
+def _prompt_observation(check: str, seed: int) -> dict:
+    """The reference's observation for ``check``, as the grader receives it."""
+    observe, _ = protocol.resolve(check)
+    objects = graded_objects()
+    obs = protocol.observe_safely(observe, tuple(objects[n] for n in CHECKS[check][1]), seed)
+    assert protocol.FAILED not in obs, obs
+    return protocol.decode(*protocol.encode(obs))
+
+
+def _prompt_judge(check: str, data: dict, seed: int) -> None:
+    protocol.judge_observation(protocol.resolve(check)[1], data, seed)
+
+
+def _nudge(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor + 1e-3
+
+
+def _forge_text_rows(data):
+    data["models"][2]["text"]["weight"] = _nudge(data["models"][2]["text"]["weight"])
+
+
+def _forge_seed_swap(data):
+    random = data["models"][0]["random"]
+    random["again"], random["other"] = random["other"], random["again"]
+
+
+def _forge_prompt_grad(data):
+    data["models"][1]["random"]["grad"] = _nudge(data["models"][1]["random"]["grad"])
+
+
+def _forge_vocab_rows(data):
+    data["models"][1]["vocab"]["weight"] = _nudge(data["models"][1]["vocab"]["weight"])
+
+
+def _forge_inputs_embeds(data):
+    tensors = data["models"][1]["inputs"]["tensors"]
+    tensors["inputs_embeds"] = _nudge(tensors["inputs_embeds"])
+
+
+def _forge_gradient(data):
+    data["models"][1]["grad"] = _nudge(data["models"][1]["grad"])
+
+
+def _forge_logits(data):
+    data["models"][1]["logits"] = _nudge(data["models"][1]["logits"])
+
+
+def _forge_loss(data):
+    data["models"][0]["loss"] = _nudge(data["models"][0]["loss"])
+
+
+def _forge_kv_prefix(data):
+    data["models"][0]["calls"][1]["key_len"] += 4
+
+
+def _forge_trained_prompt(data):
+    data["models"][1]["weight_after"] = _nudge(data["models"][1]["weight_after"])
+
+
+def _forge_backbone(data):
+    state = data["models"][0]["state"]
+    name = next(iter(state))
+    state[name] = _nudge(state[name])
+
+
+def _forge_loaded_prompt(data):
+    data["models"][1]["weight"] = _nudge(data["models"][1]["weight"])
+
+
+def _forge_width_refusal(data):
+    data["models"][0]["wide"] = "returned tensor (5, 40) float32"
+
+
+PROMPT_FORGERIES = [
+    ("check_soft_prompt", _forge_text_rows),
+    ("check_soft_prompt", _forge_seed_swap),
+    ("check_soft_prompt", _forge_prompt_grad),
+    ("check_soft_prompt", _forge_vocab_rows),
+    ("check_prepend_prompt", _forge_inputs_embeds),
+    ("check_prepend_prompt", _forge_gradient),
+    ("check_prepend_prompt", _forge_logits),
+    ("check_prepend_prompt", _forge_loss),
+    ("check_prepend_prompt", _forge_kv_prefix),
+    ("check_prompt_equivalence", _forge_inputs_embeds),
+    ("check_prompt_equivalence", _forge_logits),
+    ("check_peft_prompt_equivalence", _forge_inputs_embeds),
+    ("check_peft_prompt_equivalence", _forge_loss),
+    ("check_prompt_training", _forge_trained_prompt),
+    ("check_prompt_training", _forge_backbone),
+    ("check_save_load_prompt", _forge_loaded_prompt),
+    ("check_save_load_prompt", _forge_width_refusal),
+]
+
+
+@pytest.mark.parametrize(
+    ("check", "forge"), PROMPT_FORGERIES, ids=[f"{c}-{f.__name__}" for c, f in PROMPT_FORGERIES]
+)
+def test_prompt_judge_refuses_a_forged_observation(check: str, forge) -> None:
+    data = _prompt_observation(check, GRADING_VARIANT)
+    _prompt_judge(check, data, GRADING_VARIANT)  # the genuine observation passes
+    forge(data)
+    with pytest.raises(AssertionError) as info:
+        _prompt_judge(check, data, GRADING_VARIANT)
+    assert not isinstance(info.value, protocol.MalformedObservation), info.value
+
+
+@pytest.mark.parametrize("check", PROMPT_CHECKS)
+def test_prompt_observation_made_on_another_variant_fails(check: str) -> None:
+    with pytest.raises(AssertionError):
+        _prompt_judge(check, _prompt_observation(check, 0), GRADING_VARIANT)
+
+
+@pytest.mark.parametrize(
+    ("check", "field"),
+    [
+        ("check_soft_prompt", "random"),
+        ("check_prepend_prompt", "calls"),
+        ("check_prompt_equivalence", "inputs"),
+        ("check_peft_prompt_equivalence", "loss"),
+        ("check_prompt_training", "weight_before"),
+        ("check_save_load_prompt", "wide"),
+    ],
+)
+def test_prompt_judge_reports_a_missing_field_as_malformed(check: str, field: str) -> None:
+    data = _prompt_observation(check, 0)
+    del data["models"][1][field]
+    with pytest.raises(protocol.MalformedObservation):
+        _prompt_judge(check, data, 0)
+    with pytest.raises(protocol.MalformedObservation):
+        _prompt_judge(check, {"models": []}, 0)
+
+
+def test_prompt_judge_reports_a_mistyped_field_as_malformed() -> None:
+    data = _prompt_observation("check_prepend_prompt", 0)
+    data["models"][0]["inputs"]["tensors"]["inputs_embeds"] = [[0.0]]
+    with pytest.raises(protocol.MalformedObservation):
+        _prompt_judge("check_prepend_prompt", data, 0)
+
+
+_KERNEL_WITHOUT_REFERENCE = """
+import sys
+from pathlib import Path
+
+sys.modules["autograder.reference"] = None  # as in a grading kernel: no reference, no bug zoo
+sys.modules["autograder.bugzoo"] = None
+import torch
+
+from autograder.checks import protocol, prompt
+
+
+class SoftPrompt(torch.nn.Module):
+    def __init__(self, n_tokens, embedding, init="random", init_ids=None, seed=0):
+        super().__init__()
+        table = embedding.weight.detach()
+        gen = torch.Generator().manual_seed(seed)
+        if init == "random":
+            values = torch.randn(n_tokens, table.shape[1], generator=gen) * table.std()
+        elif init == "vocab":
+            values = table[torch.randint(0, table.shape[0], (n_tokens,), generator=gen)].clone()
+        else:
+            values = table[[init_ids[i % len(init_ids)] for i in range(n_tokens)]].clone()
+        self.weight = torch.nn.Parameter(values.to(table.device, table.dtype))
+
+    def forward(self, batch_size):
+        return self.weight.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+def prepend_prompt(model, prompt, input_ids, attention_mask, labels=None):
+    embeds = model.get_input_embeddings()(input_ids)
+    soft = prompt(input_ids.shape[0]).to(embeds.dtype)
+    b, n = soft.shape[:2]
+    out = {
+        "inputs_embeds": torch.cat([soft, embeds], dim=1),
+        "attention_mask": torch.cat([attention_mask.new_ones(b, n), attention_mask], 1),
+    }
+    if labels is not None:
+        out["labels"] = torch.cat([labels.new_full((b, n), -100), labels], dim=1)
+    return out
+
+
+folder, seed = Path(sys.argv[1]), int(sys.argv[2])
+for name, objects in (
+    ("check_soft_prompt", (SoftPrompt,)),
+    ("check_prepend_prompt", (prepend_prompt, SoftPrompt)),
+    ("check_prompt_equivalence", (SoftPrompt, prepend_prompt)),
+):
+    protocol.capture(name, objects, (folder, seed))
+assert "autograder.reference" not in {m for m, v in sys.modules.items() if v is not None}
+"""
+
+
+def test_prompt_observes_without_the_reference_and_is_judged_elsewhere(tmp_path) -> None:
+    import subprocess
+
+    script = tmp_path / "kernel.py"
+    script.write_text(_KERNEL_WITHOUT_REFERENCE)
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(GRADING_VARIANT)],
+        cwd=root,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) == 3
+    for path in files:
+        name = path.stem.split("-", 2)[2]
+        assert protocol.FAILED not in protocol.read(path), protocol.read(path)
+        protocol.judge_file(name, path, GRADING_VARIANT)

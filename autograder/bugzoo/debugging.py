@@ -17,7 +17,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from autograder import reference
-from autograder.bugzoo import Bug
+from autograder.bugzoo import Bug, Variant
 from autograder.bugzoo.frozen import freeze_with_eval
 from autograder.bugzoo.prefix import (
     prefix_as_input_embeddings,
@@ -29,7 +29,7 @@ from autograder.bugzoo.prefix import (
     prefix_shared_by_layers,
 )
 
-__all__ = ["BUGS", "INCIDENTS"]
+__all__ = ["BUGS", "INCIDENTS", "VARIANTS"]
 
 INCIDENTS: dict[str, object] = {
     "INC-1": prefix_layer0_only,
@@ -141,6 +141,25 @@ def forward_injected_positions_from_zero(model, encoder, input_ids, attention_ma
     )
 
 
+def forward_checkpointing_left_off(model, encoder, input_ids, attention_mask, labels=None):
+    """Switches gradient checkpointing off to use the cache, and never back on: right for this
+    call, but every later training step keeps all activations again."""
+    model.gradient_checkpointing_disable()
+    return reference.prefix_forward(model, encoder, input_ids, attention_mask, labels)
+
+
+def forward_checkpointing_paused(model, encoder, input_ids, attention_mask, labels=None):
+    """Switches gradient checkpointing off for this call only (the cache-based forward) and back
+    on afterwards: correct, it only gives up checkpointing's memory saving for the call."""
+    was_on = model.is_gradient_checkpointing
+    model.gradient_checkpointing_disable()
+    try:
+        return reference.prefix_forward(model, encoder, input_ids, attention_mask, labels)
+    finally:
+        if was_on:
+            model.gradient_checkpointing_enable()
+
+
 BUGS = [
     Bug(
         name="checkpointing_drops_cache",
@@ -185,5 +204,27 @@ BUGS = [
         replaces={"checkpoint_safe_prefix_forward": forward_injected_positions_from_zero},
         caught_by=("check_checkpointed_prefix_forward",),
         message_contains="positions",
+    ),
+    Bug(
+        name="checkpointing_left_off",
+        description=(
+            "gradient checkpointing is switched off to use the cache and never switched back on"
+        ),
+        notebook="05",
+        replaces={"checkpoint_safe_prefix_forward": forward_checkpointing_left_off},
+        caught_by=("check_checkpointed_prefix_forward",),
+        message_contains="checkpointing is off",
+    ),
+]
+
+VARIANTS = [
+    Variant(
+        name="checkpointing_paused_for_the_call",
+        description=(
+            "gradient checkpointing is switched off for the call (the cache-based forward) and "
+            "back on in a finally block, as the check's own hint allows"
+        ),
+        notebook="05",
+        replaces={"checkpoint_safe_prefix_forward": forward_checkpointing_paused},
     ),
 ]

@@ -9,15 +9,16 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from autograder.bugzoo import Bug
+from autograder.bugzoo import Bug, Variant
 from autograder.reference import (
     IGNORE_INDEX,
     PrefixEncoder,
     build_prefix_cache,
+    checkpoint_safe_prefix_forward,
 )
 from course.compat import cache_keyword, kv_geometry, make_cache
 
-__all__ = ["BUGS"]
+__all__ = ["BUGS", "VARIANTS"]
 
 
 def _run(model, input_ids, attention_mask, labels, cache, *, extend_mask=True, positions=None):
@@ -148,6 +149,47 @@ def prefix_no_dtype_cast(model, encoder, input_ids, attention_mask, labels=None)
     return _run(model, input_ids, attention_mask, labels, cache)
 
 
+def _half_detached(model, encoder, input_ids, attention_mask, labels, kv: int):
+    """The cache with prefix[:, kv] detached (keys for 0, values for 1)."""
+    prefix = encoder().to(_dtype(model))
+    batch = input_ids.shape[0]
+    layers = []
+    for layer in prefix:
+        pair = [_expand(layer[0], batch), _expand(layer[1], batch)]
+        pair[kv] = pair[kv].detach()
+        layers.append(tuple(pair))
+    return _run(model, input_ids, attention_mask, labels, make_cache(layers))
+
+
+def prefix_keys_detached(model, encoder, input_ids, attention_mask, labels=None):
+    """Detaches the prefix keys (say, to "save memory"): only the values ever train."""
+    return _half_detached(model, encoder, input_ids, attention_mask, labels, 0)
+
+
+def prefix_values_detached(model, encoder, input_ids, attention_mask, labels=None):
+    """Detaches the prefix values: only the keys ever train."""
+    return _half_detached(model, encoder, input_ids, attention_mask, labels, 1)
+
+
+def prefix_reads_parameter(model, encoder, input_ids, attention_mask, labels=None):
+    """Reads ``encoder.prefix`` instead of calling ``encoder()``: right for a direct encoder as
+    built, wrong for a reparameterised one (and for any other encoder)."""
+    cache = build_prefix_cache(encoder.prefix, input_ids.shape[0], _dtype(model))
+    return _run(model, input_ids, attention_mask, labels, cache)
+
+
+def prefix_needs_labels(model, encoder, input_ids, attention_mask, labels=None):
+    """Computes the loss itself and assumes labels are always given: prefix_forward without
+    labels (evaluation, generation by hand) crashes."""
+    cache = build_prefix_cache(encoder(), input_ids.shape[0], _dtype(model))
+    out = _run(model, input_ids, attention_mask, None, cache)
+    shifted = labels[:, 1:].flatten()
+    out.loss = nn.functional.cross_entropy(
+        out.logits[:, :-1].flatten(0, 1), shifted, ignore_index=IGNORE_INDEX
+    )
+    return out
+
+
 # --- build_prefix_cache ------------------------------------------------------------------------
 def cache_ignores_dtype(prefix: torch.Tensor, batch_size: int, dtype: torch.dtype):
     """Never casts to ``dtype``."""
@@ -175,6 +217,15 @@ def cache_positions_before_heads(prefix: torch.Tensor, batch_size: int, dtype: t
         key = _expand(layer[0].transpose(0, 1), batch_size)
         value = _expand(layer[1].transpose(0, 1), batch_size)
         layers.append((key, value))
+    return make_cache(layers)
+
+
+def cache_values_detached(prefix: torch.Tensor, batch_size: int, dtype: torch.dtype):
+    """Detaches the values (keys keep their graph): the prefix values never train."""
+    layers = [
+        (_expand(layer[0], batch_size), _expand(layer[1], batch_size).detach())
+        for layer in prefix.to(dtype)
+    ]
     return make_cache(layers)
 
 
@@ -218,6 +269,23 @@ class ViewingPrefixEncoder(PrefixEncoder):
             return self.prefix
         flat = self.mlp(self.embedding)
         return flat.view(self.n_layers, 2, self.n_kv_heads, self.prefix_len, self.head_dim)
+
+
+class LastLayerRepeatedPrefixEncoder(PrefixEncoder):
+    """An off-by-one in the per-layer stacking: the last layer gets the previous layer's prefix
+    (the parameter count is right, the last layer's own slice is never used)."""
+
+    def forward(self) -> torch.Tensor:
+        values = super().forward()
+        last = values.shape[0] - 1
+        return torch.cat([values[:last], values[last - 1 : last]])
+
+
+class KeysAsValuesPrefixEncoder(PrefixEncoder):
+    """Returns each layer's keys as its values too: ``prefix[:, [0, 0]]``."""
+
+    def forward(self) -> torch.Tensor:
+        return super().forward()[:, [0, 0]]
 
 
 class MLPKeepingPrefixEncoder(PrefixEncoder):
@@ -271,6 +339,55 @@ def generate_mask_not_extended(model, encoder, input_ids, attention_mask, max_ne
     return out[:, input_ids.shape[1] :]
 
 
+@torch.no_grad()
+def generate_mask_prefix_after(model, encoder, input_ids, attention_mask, max_new_tokens=20):
+    """Appends the P ones AFTER the mask: identical without padding, wrong for left-padded
+    rows (their padding zeros now cover prefix slots, and the padding is visible)."""
+    batch = input_ids.shape[0]
+    ones = attention_mask.new_ones(batch, encoder.prefix_len)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.cat([attention_mask, ones], dim=1),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=model.config.eos_token_id,
+        **{cache_keyword(model): build_prefix_cache(encoder(), batch, _dtype(model))},
+    )
+    return out[:, input_ids.shape[1] :]
+
+
+@torch.no_grad()
+def generate_mask_all_ones(model, encoder, input_ids, attention_mask, max_new_tokens=20):
+    """Builds the mask as ones over P+T: the left padding of shorter rows is attended to."""
+    batch, length = input_ids.shape
+    mask = attention_mask.new_ones(batch, encoder.prefix_len + length)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=model.config.eos_token_id,
+        **{cache_keyword(model): build_prefix_cache(encoder(), batch, _dtype(model))},
+    )
+    return out[:, input_ids.shape[1] :]
+
+
+@torch.no_grad()
+def generate_one_short(model, encoder, input_ids, attention_mask, max_new_tokens=20):
+    """An off-by-one: generates ``max_new_tokens - 1`` tokens."""
+    batch = input_ids.shape[0]
+    mask = torch.cat([attention_mask.new_ones(batch, encoder.prefix_len), attention_mask], dim=1)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens - 1,
+        do_sample=False,
+        pad_token_id=model.config.eos_token_id,
+        **{cache_keyword(model): build_prefix_cache(encoder(), batch, _dtype(model))},
+    )
+    return out[:, input_ids.shape[1] :]
+
+
 BUGS = [
     Bug(
         name="prefix_layer0_only",
@@ -296,7 +413,7 @@ BUGS = [
         notebook="02",
         replaces={"prefix_forward": prefix_shared_by_layers},
         caught_by=("check_prefix_forward",),
-        message_contains="shared by all layers",
+        message_contains="shared by several layers",
         also_fails=("check_bf16", "check_peft_equivalence"),
     ),
     Bug(
@@ -306,7 +423,6 @@ BUGS = [
         replaces={"PrefixEncoder": SharedPrefixEncoder},
         caught_by=("check_prefix_encoder", "check_prefix_training"),
         message_contains="L·2·H_kv·P·D",
-        also_fails=("check_prefix_forward",),
     ),
     Bug(
         name="prefix_keys_values_swapped",
@@ -412,6 +528,15 @@ BUGS = [
         ),
     ),
     Bug(
+        name="cache_values_detached",
+        description="build_prefix_cache detaches the values: only the prefix keys can train",
+        notebook="02",
+        replaces={"build_prefix_cache": cache_values_detached},
+        caught_by=("check_build_prefix_cache",),
+        message_contains="from the cached values",
+        downstream=("check_prefix_forward",),
+    ),
+    Bug(
         name="encoder_query_heads_under_gqa",
         description=(
             "PrefixEncoder sizes the prefix with num_attention_heads; under grouped-query "
@@ -471,5 +596,231 @@ BUGS = [
         replaces={"generate_with_prefix": generate_mask_not_extended},
         caught_by=("check_generate_with_prefix",),
         message_contains="mask",
+    ),
+    Bug(
+        name="prefix_keys_detached",
+        description="the prefix keys are detached when the cache is built: only values train",
+        notebook="02",
+        replaces={"prefix_forward": prefix_keys_detached},
+        caught_by=("check_prefix_forward",),
+        message_contains="keys have no gradient path",
+    ),
+    Bug(
+        name="prefix_values_detached",
+        description="the prefix values are detached when the cache is built: only keys train",
+        notebook="02",
+        replaces={"prefix_forward": prefix_values_detached},
+        caught_by=("check_prefix_forward",),
+        message_contains="values have no gradient path",
+    ),
+    Bug(
+        name="prefix_needs_labels",
+        description="prefix_forward computes the loss itself and crashes when labels is None",
+        notebook="02",
+        replaces={"prefix_forward": prefix_needs_labels},
+        caught_by=("check_prefix_forward",),
+        message_contains="without labels",
+    ),
+    Bug(
+        name="prefix_reads_parameter",
+        description=(
+            "prefix_forward reads encoder.prefix instead of calling encoder(): a reparameterised "
+            "encoder's prefix never reaches the model"
+        ),
+        notebook="02",
+        replaces={"prefix_forward": prefix_reads_parameter},
+        caught_by=("check_prefix_forward",),
+        message_contains="call encoder()",
+        also_fails=("check_bf16", "check_peft_equivalence"),
+    ),
+    Bug(
+        name="encoder_last_layer_repeated",
+        description=(
+            "an off-by-one in PrefixEncoder.forward gives the last layer the previous layer's "
+            "prefix (a check comparing layers with layer 0 only misses it)"
+        ),
+        notebook="02",
+        replaces={"PrefixEncoder": LastLayerRepeatedPrefixEncoder},
+        caught_by=("check_prefix_encoder",),
+        message_contains="are identical",
+    ),
+    Bug(
+        name="encoder_keys_as_values",
+        description="PrefixEncoder returns each layer's keys as its values as well",
+        notebook="02",
+        replaces={"PrefixEncoder": KeysAsValuesPrefixEncoder},
+        caught_by=("check_prefix_encoder",),
+        message_contains="identical keys and values",
+    ),
+    Bug(
+        name="generate_mask_prefix_after",
+        description=(
+            "generate_with_prefix appends the P ones after the mask instead of in front: right "
+            "without padding, wrong for left-padded rows"
+        ),
+        notebook="02",
+        replaces={"generate_with_prefix": generate_mask_prefix_after},
+        caught_by=("check_generate_with_prefix",),
+        message_contains="LEFT-padded",
+    ),
+    Bug(
+        name="generate_with_prefix_one_short",
+        description="generate_with_prefix generates max_new_tokens - 1 tokens",
+        notebook="02",
+        replaces={"generate_with_prefix": generate_one_short},
+        caught_by=("check_generate_with_prefix",),
+        message_contains="max_new_tokens",
+    ),
+    Bug(
+        name="generate_mask_all_ones",
+        description="generate_with_prefix masks nothing: left padding is attended to",
+        notebook="02",
+        replaces={"generate_with_prefix": generate_mask_all_ones},
+        caught_by=("check_generate_with_prefix",),
+        message_contains="LEFT-padded",
+    ),
+]
+
+
+# --- valid but unusual implementations (every check must pass them) ---------------------------
+class PeftLayoutPrefixEncoder(PrefixEncoder):
+    """The direct prefix stored as PEFT stores it, an ``nn.Embedding(P, L*2*H*D)`` whose rows
+    are prefix positions, viewed and permuted to ``(L, 2, H, P, D)`` in ``forward``; the initial
+    values are drawn in that layout, so they differ from the reference's."""
+
+    def __init__(self, config, prefix_len, reparam=False, hidden=512, init_std=1.0, seed=0):
+        super().__init__(config, prefix_len, reparam, hidden, init_std, seed)
+        if not reparam:
+            del self.prefix
+            width = self.n_layers * 2 * self.n_kv_heads * self.head_dim
+            self.table = nn.Embedding(prefix_len, width)
+            gen = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                self.table.weight.normal_(0.0, init_std, generator=gen)
+
+    def forward(self) -> torch.Tensor:
+        if self.reparam:
+            return super().forward()
+        rows = self.table.weight.view(
+            self.prefix_len, self.n_layers, 2, self.n_kv_heads, self.head_dim
+        )
+        return rows.permute(1, 2, 3, 0, 4)
+
+
+class SplitKeyValuePrefixEncoder(PrefixEncoder):
+    """Keys and values as two parameters ``(L, H, P, D)``, stacked in ``forward``."""
+
+    def __init__(self, config, prefix_len, reparam=False, hidden=512, init_std=1.0, seed=0):
+        super().__init__(config, prefix_len, reparam, hidden, init_std, seed)
+        if not reparam:
+            keys, values = self.prefix.detach().unbind(1)
+            del self.prefix
+            self.keys = nn.Parameter(keys.clone())
+            self.values = nn.Parameter(values.clone())
+
+    def forward(self) -> torch.Tensor:
+        if self.reparam:
+            return super().forward()
+        return torch.stack([self.keys, self.values], dim=1)
+
+
+def build_prefix_cache_copies(prefix: torch.Tensor, batch_size: int, dtype: torch.dtype):
+    """Fills an empty ``DynamicCache`` with ``.repeat`` copies (not views) of each layer."""
+    cache = DynamicCache()
+    for i, layer in enumerate(prefix.to(dtype)):
+        key = layer[0].unsqueeze(0).repeat(batch_size, 1, 1, 1)
+        value = layer[1].unsqueeze(0).repeat(batch_size, 1, 1, 1)
+        cache.update(key, value, i)
+    return cache
+
+
+def prefix_forward_positions_from_cache(model, encoder, input_ids, attention_mask, labels=None):
+    """Passes no position ids: the model numbers the tokens after the cache, P..P+T-1."""
+    batch = input_ids.shape[0]
+    cache = build_prefix_cache(encoder(), batch, _dtype(model))
+    mask = torch.cat([attention_mask.new_ones(batch, encoder.prefix_len), attention_mask], dim=1)
+    return model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        labels=labels,
+        use_cache=False,
+        **{cache_keyword(model): cache},
+    )
+
+
+@torch.no_grad()
+def generate_greedy_by_hand(model, encoder, input_ids, attention_mask, max_new_tokens=20):
+    """A greedy loop without ``model.generate``: every step runs the whole sequence against a
+    fresh prefix cache, numbering each row's real tokens P, P+1, ... from its own mask (so a
+    left-padded row continues as it would alone); finished rows get eos."""
+    batch, p = input_ids.shape[0], encoder.prefix_len
+    eos = model.config.eos_token_id
+    ids, mask = input_ids, attention_mask
+    done = torch.zeros(batch, dtype=torch.bool)
+    new = []
+    for _ in range(max_new_tokens):
+        positions = p + (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(
+            input_ids=ids,
+            attention_mask=torch.cat([mask.new_ones(batch, p), mask], dim=1),
+            position_ids=positions,
+            use_cache=False,
+            **{cache_keyword(model): build_prefix_cache(encoder(), batch, _dtype(model))},
+        )
+        token = out.logits[:, -1].argmax(-1).masked_fill(done, eos)
+        done |= token == eos
+        new.append(token)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+        if done.all():
+            break
+    return torch.stack(new, dim=1)
+
+
+VARIANTS = [
+    Variant(
+        name="encoder_peft_layout",
+        description=(
+            "the direct prefix is an nn.Embedding(P, L*2*H*D) (PEFT's layout) viewed and "
+            "permuted in forward, its initial values drawn in that layout"
+        ),
+        notebook="02",
+        replaces={"PrefixEncoder": PeftLayoutPrefixEncoder},
+    ),
+    Variant(
+        name="encoder_split_keys_values",
+        description="keys and values are two (L, H, P, D) parameters stacked in forward",
+        notebook="02",
+        replaces={"PrefixEncoder": SplitKeyValuePrefixEncoder},
+    ),
+    Variant(
+        name="cache_repeated_copies",
+        description="build_prefix_cache fills DynamicCache() with .repeat copies, not views",
+        notebook="02",
+        replaces={"build_prefix_cache": build_prefix_cache_copies},
+    ),
+    Variant(
+        name="prefix_positions_from_cache",
+        description="prefix_forward passes no position ids: the model starts after the cache",
+        notebook="02",
+        replaces={"prefix_forward": prefix_forward_positions_from_cache},
+    ),
+    Variant(
+        name="prefix_inside_attention",
+        description=(
+            "prefix_forward is the checkpoint-safe form of notebook 05: a registered attention "
+            "function puts the prefix in front of the keys/values (no cache at all)"
+        ),
+        notebook="02",
+        replaces={"prefix_forward": checkpoint_safe_prefix_forward},
+    ),
+    Variant(
+        name="generate_greedy_by_hand",
+        description=(
+            "generate_with_prefix is a hand-written greedy loop (no model.generate) that numbers "
+            "each row's tokens from its own mask"
+        ),
+        notebook="02",
+        replaces={"generate_with_prefix": generate_greedy_by_hand},
     ),
 ]

@@ -7,10 +7,14 @@ that survives **gradient checkpointing**: checkpointing recomputes every layer d
 and drops a key/value cache passed to ``forward`` (transformers logs "Caching is incompatible
 with gradient checkpointing"), so a cache-based prefix crashes with a size mismatch.
 
-:func:`check_checkpointed_prefix_forward` runs the student's function on tiny GPT-2 and
-Llama-GQA models that train with gradient checkpointing, and compares logits, loss and the
-encoder's gradients with the reference ``prefix_forward`` on an identical model without
-checkpointing, fed an identically initialised encoder.
+:func:`check_checkpointed_prefix_forward` is an *observe* / *judge* pair (see
+:mod:`autograder.checks.protocol`). Observing runs the student's function on the tiny GPT-2 and
+Llama-GQA models of the current variant, training with gradient checkpointing, twice, each time
+with the student's encoder given other grader-chosen prefix values; it records the logits, the
+loss, the gradient that ``loss.backward()`` leaves on the prefix (or the error it raised) and,
+at the end, whether checkpointing is still on and what the model gives without a prefix.
+Judging compares them with the reference ``prefix_forward`` on an identical model without
+checkpointing, fed the same prefix values, and with the untouched model.
 """
 
 from __future__ import annotations
@@ -20,20 +24,40 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from autograder import reference
-from autograder.checks.harness import CheckFailure, max_diff, sandbox, student_call
-from autograder.checks.models import Batch, tiny_model, tiny_models
-from autograder.checks.prefix import _logits_match, _make_encoder, _prefix_values
+from autograder.checks.harness import CheckFailure, max_diff, student_call
+from autograder.checks.models import KINDS, Batch, tiny_model, tiny_models
+from autograder.checks.prefix import (
+    _freeze,
+    _grader_values,
+    _logits_match,
+    _maybe_tensor,
+    _own_values,
+    _reference,
+    _reference_forward,
+    _student_encoder,
+)
+from autograder.checks.protocol import MalformedObservation, Observed, run_check
 
-__all__ = ["check_checkpointed_prefix_forward"]
+__all__ = [
+    "check_checkpointed_prefix_forward",
+    "judge_checkpointed_prefix_forward",
+    "observe_checkpointed_prefix_forward",
+]
 
 _ATOL = 1e-5
+_P = 4
+_CALLS = ((6, 16), (7, 17))
+"""``(seed given to the student's PrefixEncoder, grader input of the prefix values)`` per call."""
+_WHAT = (
+    "checkpoint_safe_prefix_forward(model_with_gradient_checkpointing, encoder, input_ids, "
+    "attention_mask, labels)"
+)
 
 
 def _checkpointed(label: str) -> nn.Module:
     """A frozen tiny model in training mode with gradient checkpointing switched on."""
     model = tiny_model(label)
-    reference.freeze_backbone(model)
+    _freeze(model)
     model.gradient_checkpointing_enable()
     model.train()
     return model
@@ -52,8 +76,108 @@ def _why_forward_failed(label: str, failure: CheckFailure) -> AssertionError:
     return AssertionError(str(failure))
 
 
-def _grads(encoder: nn.Module) -> dict[str, torch.Tensor | None]:
-    return {n: (None if t.grad is None else t.grad.clone()) for n, t in encoder.named_parameters()}
+def observe_checkpointed_prefix_forward(
+    checkpoint_safe_prefix_forward: Callable, PrefixEncoder: type
+) -> dict:
+    """Per tiny model training with gradient checkpointing: two calls, each with the student's
+    encoder given other grader-chosen prefix values (logits, loss, the prefix's gradient after
+    ``loss.backward()`` or the error it raised), then whether checkpointing is still on and the
+    model's logits without a prefix."""
+    models = []
+    for label, _ in tiny_models():
+        model = _checkpointed(label)
+        batch = Batch()
+        args = (batch.input_ids, batch.attention_mask, batch.labels)
+        calls = []
+        for seed, n in _CALLS:
+            encoder, param, own = _student_encoder(label, PrefixEncoder, model, _P, seed, n)
+            try:
+                out = student_call(_WHAT, checkpoint_safe_prefix_forward, model, encoder, *args)
+            except CheckFailure as failure:
+                raise _why_forward_failed(label, failure) from None
+            loss = getattr(out, "loss", None)
+            error = None
+            if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                try:
+                    loss.sum().backward()
+                except RuntimeError as err:
+                    error = (str(err).splitlines() or ["RuntimeError"])[0]
+            calls.append(
+                {
+                    "encoder_values": own,
+                    "logits": _maybe_tensor(getattr(out, "logits", None)),
+                    "loss": _maybe_tensor(loss),
+                    "backward_error": error,
+                    "grad": _maybe_tensor(param.grad),
+                }
+            )
+        checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+        model.eval()
+        with torch.no_grad():
+            after = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        models.append(
+            {
+                "label": label,
+                "calls": calls,
+                "checkpointing": checkpointing,
+                "after": _maybe_tensor(getattr(after, "logits", None)),
+            }
+        )
+    return {"models": models}
+
+
+def judge_checkpointed_prefix_forward(obs: Observed) -> None:
+    for (label, plain), o in zip(tiny_models(), obs.subs("models", len(KINDS)), strict=True):
+        if o.str("label") != label:
+            raise MalformedObservation(f"observation for {o.str('label')!r}, expected {label!r}")
+        _reference().freeze_backbone(plain)
+        batch = Batch()
+        with torch.no_grad():
+            untouched = plain(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        for (seed, n), c in zip(_CALLS, o.subs("calls", len(_CALLS)), strict=True):
+            _own_values(label, plain, c, _P)
+            values = _grader_values(plain, _P, n)
+            want, grad = _reference_forward(plain, values, batch, grad=True)
+            what = f"{_WHAT} (encoder seed {seed})"
+            _logits_match(label, c.maybe_tensor("logits"), c.maybe_tensor("loss"), want, what)
+            error = c.maybe_str("backward_error")
+            if error is not None:
+                raise AssertionError(
+                    f"{label}: loss.backward() failed ({error}): checkpointing recomputes every "
+                    "layer during backward, and by then the prefix was gone (state reset when "
+                    "forward returned). Hand the prefix to the layers as a forward keyword: "
+                    "checkpointing replays the keywords"
+                )
+            mine = c.maybe_tensor("grad")
+            for i in range(values.shape[0]):
+                for kv, name in enumerate(("keys", "values")):
+                    if mine is None or mine.shape != grad.shape or not mine[i, kv].abs().sum() > 0:
+                        raise AssertionError(
+                            f"{label}: after loss.backward() no gradient reached encoder()[{i}, "
+                            f"{kv}], layer {i}'s prefix {name}: the prefix must enter the "
+                            "attention with its graph (no .detach(), no torch.no_grad())"
+                        )
+            if not max_diff(mine, grad) <= _ATOL:
+                raise AssertionError(
+                    f"{label}: the gradient with respect to encoder() differs from the reference "
+                    f"(no checkpointing) by up to {max_diff(mine, grad):.3g}"
+                )
+        if not o.bool("checkpointing"):
+            raise AssertionError(
+                f"{label}: after checkpoint_safe_prefix_forward returned, gradient checkpointing "
+                "is off: switching it off for a call is fine, but switch it back on (in a "
+                "finally block), or the next training step runs out of the memory it was saving"
+            )
+        after = o.maybe_tensor("after")
+        same = after is not None and after.shape == untouched.logits.shape
+        diff = max_diff(after, untouched.logits) if same else float("inf")
+        if not diff <= _ATOL:
+            raise AssertionError(
+                f"{label}: after checkpoint_safe_prefix_forward returned, the model WITHOUT a "
+                f"prefix gives logits off by up to {diff:.3g}: something you installed (a "
+                "hook, a global prefix read by the attention function) stays active, so the "
+                "next request — another tenant's — would run with this prefix"
+            )
 
 
 def check_checkpointed_prefix_forward(
@@ -63,63 +187,9 @@ def check_checkpointed_prefix_forward(
     loss and the encoder's gradients equal the reference prefix_forward without checkpointing;
     a second call with another prefix is right too, and afterwards the model without a prefix
     gives its original outputs (nothing stays installed)."""
-    p = 4
-    with sandbox():
-        for label, _ in tiny_models():
-            model, plain = _checkpointed(label), tiny_model(label)
-            reference.freeze_backbone(plain)
-            batch = Batch()
-            args = (batch.input_ids, batch.attention_mask, batch.labels)
-            with torch.no_grad():
-                untouched = plain(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            what = (
-                "checkpoint_safe_prefix_forward(model_with_gradient_checkpointing, encoder, "
-                "input_ids, attention_mask, labels)"
-            )
-            for seed in (6, 7):
-                encoder = _make_encoder(PrefixEncoder, model, p, seed=seed)
-                _prefix_values(label, model, encoder, p, f"config, {p}, seed={seed}")
-                twin = _make_encoder(PrefixEncoder, model, p, seed=seed)
-                try:
-                    out = student_call(what, checkpoint_safe_prefix_forward, model, encoder, *args)
-                except CheckFailure as failure:
-                    raise _why_forward_failed(label, failure) from None
-                want = reference.prefix_forward(plain, twin, *args)
-                _logits_match(label, out, want, f"{what} (encoder seed {seed})")
-                try:
-                    out.loss.backward()
-                except RuntimeError as err:
-                    raise AssertionError(
-                        f"{label}: loss.backward() failed ({str(err).splitlines()[0]}): "
-                        "checkpointing recomputes every layer during backward, and by then the "
-                        "prefix was gone (state reset when forward returned). Hand the prefix to "
-                        "the layers as a forward keyword: checkpointing replays the keywords"
-                    ) from None
-                want.loss.backward()
-                got, expected = _grads(encoder), _grads(twin)
-                for name, grad in expected.items():
-                    if grad is None:
-                        continue
-                    mine = got.get(name)
-                    if mine is None or not mine.abs().sum() > 0:
-                        raise AssertionError(
-                            f"{label}: after loss.backward() the encoder's {name} has no "
-                            "gradient: the prefix must enter the attention with its graph (no "
-                            ".detach(), no torch.no_grad())"
-                        )
-                    if max_diff(mine, grad) > _ATOL:
-                        raise AssertionError(
-                            f"{label}: the gradient of the encoder's {name} differs from the "
-                            f"reference (no checkpointing) by up to {max_diff(mine, grad):.3g}"
-                        )
-            model.eval()
-            with torch.no_grad():
-                after = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            diff = max_diff(after.logits, untouched.logits)
-            if diff > _ATOL:
-                raise AssertionError(
-                    f"{label}: after checkpoint_safe_prefix_forward returned, the model WITHOUT a "
-                    f"prefix gives logits off by up to {diff:.3g}: something you installed (a "
-                    "hook, a global prefix read by the attention function) stays active, so the "
-                    "next request — another tenant's — would run with this prefix"
-                )
+    run_check(
+        observe_checkpointed_prefix_forward,
+        judge_checkpointed_prefix_forward,
+        checkpoint_safe_prefix_forward,
+        PrefixEncoder,
+    )

@@ -1,0 +1,296 @@
+"""The prefix (notebook 02), deep-prompt (02) and checkpointing (05) checks are decided by their
+judges from the observation alone: a genuine observation passes, a forged one of the right
+structure but wrong values fails, a missing field is reported as malformed, an observation made
+on another variant fails, and the observing half runs where the reference does not exist."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from autograder.bugzoo import VARIANTS, graded_objects
+from autograder.checks import CHECKS, protocol
+
+GRADING_VARIANT = 918273  # as in test_bugzoo
+
+MY_CHECKS = (
+    "check_prefix_encoder",
+    "check_build_prefix_cache",
+    "check_prefix_forward",
+    "check_prefix_training",
+    "check_generate_with_prefix",
+    "check_peft_equivalence",
+    "check_bf16",
+    "check_deep_prompt",
+    "check_checkpointed_prefix_forward",
+)
+
+_CACHE: dict[tuple[str, int], tuple[dict[str, torch.Tensor], str]] = {}
+
+
+def _observation(check: str, seed: int, objects: dict[str, object] | None = None) -> dict:
+    """The observation of ``check`` on ``objects`` (the reference's by default), as the grader
+    receives it (encoded, then decoded): a fresh copy every call."""
+    key = (check, seed)
+    if objects is not None or key not in _CACHE:
+        observe, _ = protocol.resolve(check)
+        given = graded_objects() if objects is None else objects
+        obs = protocol.observe_safely(observe, tuple(given[n] for n in CHECKS[check][1]), seed)
+        assert protocol.FAILED not in obs, obs[protocol.FAILED]
+        if objects is not None:
+            return protocol.decode(*protocol.encode(obs))
+        _CACHE[key] = protocol.encode(obs)
+    return protocol.decode(*_CACHE[key])
+
+
+def _judge(check: str, data: dict, seed: int) -> None:
+    protocol.judge_observation(protocol.resolve(check)[1], data, seed)
+
+
+def _nudge(value: torch.Tensor, by: float = 1e-3) -> torch.Tensor:
+    return value + by
+
+
+def _at(data: dict, *path: Any) -> Any:
+    for key in path[:-1]:
+        data = data[key]
+    return data, path[-1]
+
+
+def _nudged(*path: Any, by: float = 1e-3) -> Callable[[dict], None]:
+    def forge(data: dict) -> None:
+        parent, key = _at(data, *path)
+        parent[key] = _nudge(parent[key], by)
+
+    forge.__name__ = "nudge_" + "_".join(str(p) for p in path)
+    return forge
+
+
+def _set(*path: Any, value: Any) -> Callable[[dict], None]:
+    def forge(data: dict) -> None:
+        parent, key = _at(data, *path)
+        parent[key] = value(parent[key]) if callable(value) else value
+
+    forge.__name__ = "set_" + "_".join(str(p) for p in path)
+    return forge
+
+
+def _swapped(path: tuple, a: Any, b: Any) -> Callable[[dict], None]:
+    def forge(data: dict) -> None:
+        parent, _ = _at(data, *path, None)
+        parent[a], parent[b] = parent[b], parent[a]
+
+    forge.__name__ = "swap_" + "_".join(str(p) for p in path) + f"_{a}_{b}"
+    return forge
+
+
+def _first_call(data: dict, model: int, layer: int) -> dict:
+    calls = data["models"][model]["first"]["recording"]["calls"]
+    return next(c for c in calls if c["layer"] == layer)
+
+
+def _swap_call_key_value(data: dict) -> None:
+    call = _first_call(data, 1, 2)
+    call["key"], call["value"] = call["value"], call["key"]
+
+
+def _copy_layer_prefix(data: dict) -> None:
+    """Layer 2 reports layer 1's prefix keys (what a shared prefix would look like)."""
+    source, target = _first_call(data, 0, 1), _first_call(data, 0, 2)
+    target["key"] = target["key"].clone()
+    target["key"][:, :, :4] = source["key"][:, :, :4]
+
+
+def _other_token(data: dict) -> None:
+    new = data["models"][1]["new"].clone()
+    new[1, 0] = (new[1, 0] + 1) % 64
+    data["models"][1]["new"] = new
+
+
+def _forge_module_unchanged(data: dict) -> None:
+    """The trained module reported unchanged: nothing was trained."""
+    model = data["models"][0]
+    model["module_after"] = dict(model["module_before"])
+
+
+def _prefix_dependence_everywhere(data: dict) -> None:
+    dep = data["models"][0]["reparam"]["dependence"]
+    data["models"][0]["reparam"]["dependence"] = dep + 1.0
+
+
+FORGERIES: list[tuple[str, Callable[[dict], None]]] = [
+    ("check_prefix_encoder", _swapped(("models", 0, "direct"), "again", "other")),
+    ("check_prefix_encoder", _set("models", 1, "direct", "small", value=lambda t: 3 * t)),
+    ("check_prefix_encoder", _prefix_dependence_everywhere),
+    ("check_prefix_encoder", _nudged("models", 1, "reparam", "exported")),
+    ("check_prefix_encoder", _set("models", 0, "direct", "count", value=lambda c: c + 1)),
+    ("check_build_prefix_cache", _swapped(("models", 0), "keys", "values")),
+    ("check_build_prefix_cache", _nudged("models", 1, "value_grad")),
+    ("check_build_prefix_cache", _set("models", 1, "keys", 2, value=lambda t: t + 1e-3)),
+    ("check_build_prefix_cache", _set("models", 0, "second_len", value=4)),
+    ("check_prefix_forward", _nudged("models", 1, "first", "logits")),
+    ("check_prefix_forward", _nudged("models", 0, "first", "loss")),
+    ("check_prefix_forward", _nudged("models", 1, "first", "loss_grad")),
+    ("check_prefix_forward", _set("models", 1, "first", "value_grads", 2, value=torch.zeros_like)),
+    ("check_prefix_forward", _nudged("models", 0, "second", "logits")),
+    ("check_prefix_forward", _swap_call_key_value),
+    ("check_prefix_forward", _copy_layer_prefix),
+    ("check_prefix_forward", _set("models", 1, "second", "backward_error", value="boom")),
+    ("check_prefix_training", _nudged("models", 1, "state", "parameter lm_head.weight")),
+    ("check_prefix_training", _forge_module_unchanged),
+    ("check_generate_with_prefix", _other_token),
+    ("check_peft_equivalence", _nudged("models", 0, "logits")),
+    ("check_peft_equivalence", _nudged("models", 1, "loss")),
+    ("check_bf16", _nudged("models", 1, "call", "logits", by=0.1)),
+    ("check_bf16", _set("models", 0, "encoder_dtypes", "grader_prefix", value="bfloat16")),
+    ("check_deep_prompt", _nudged("models", 1, "logits")),
+    ("check_deep_prompt", _nudged("models", 0, "loss")),
+    ("check_deep_prompt", _nudged("models", 1, "grad")),
+    ("check_deep_prompt", _nudged("models", 0, "after")),
+    ("check_deep_prompt", _swapped(("models", 1), "again", "other")),
+    ("check_checkpointed_prefix_forward", _nudged("models", 0, "calls", 1, "logits")),
+    ("check_checkpointed_prefix_forward", _nudged("models", 1, "calls", 0, "grad")),
+    ("check_checkpointed_prefix_forward", _set("models", 1, "checkpointing", value=False)),
+    ("check_checkpointed_prefix_forward", _nudged("models", 0, "after")),
+]
+
+
+@pytest.mark.parametrize("check", MY_CHECKS)
+def test_genuine_observation_passes_on_the_grading_variant(check: str) -> None:
+    _judge(check, _observation(check, GRADING_VARIANT), GRADING_VARIANT)
+
+
+@pytest.mark.parametrize(
+    ("check", "forge"), FORGERIES, ids=[f"{c}-{f.__name__}" for c, f in FORGERIES]
+)
+def test_judge_refuses_a_forged_observation(check: str, forge) -> None:
+    data = _observation(check, GRADING_VARIANT)
+    forge(data)
+    with pytest.raises(AssertionError) as info:
+        _judge(check, data, GRADING_VARIANT)
+    assert not isinstance(info.value, protocol.MalformedObservation), info.value
+
+
+@pytest.mark.parametrize("check", MY_CHECKS)
+def test_observation_made_on_another_variant_fails(check: str) -> None:
+    with pytest.raises(AssertionError):
+        _judge(check, _observation(check, 0), GRADING_VARIANT)
+
+
+_MISSING = {
+    "check_prefix_encoder": ("direct",),
+    "check_build_prefix_cache": ("key_grad",),
+    "check_prefix_forward": ("first", "key_grads"),
+    "check_prefix_training": ("module_trainable",),
+    "check_generate_with_prefix": ("encoder_values",),
+    "check_peft_equivalence": ("logits",),
+    "check_bf16": ("encoder_dtypes",),
+    "check_deep_prompt": ("grad",),
+    "check_checkpointed_prefix_forward": ("checkpointing",),
+}
+
+
+@pytest.mark.parametrize("check", MY_CHECKS)
+def test_missing_field_is_malformed(check: str) -> None:
+    data = _observation(check, 0)
+    parent, key = _at(data["models"][1], *_MISSING[check])
+    del parent[key]
+    with pytest.raises(protocol.MalformedObservation):
+        _judge(check, data, 0)
+    with pytest.raises(protocol.MalformedObservation):
+        _judge(check, {"models": []}, 0)
+
+
+def _leaves(value: Any, path: tuple = ()) -> list[tuple]:
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in _leaves(v, (*path, k))]
+    if isinstance(value, list):
+        return [leaf for i, v in enumerate(value) for leaf in _leaves(v, (*path, i))]
+    return [path]
+
+
+@pytest.mark.parametrize("check", MY_CHECKS)
+def test_mistyped_fields_are_refused_not_crashed_on(check: str) -> None:
+    """Replacing a field by a 0-d tensor, a string or None gives an AssertionError (a verdict),
+    never another exception in the grader."""
+    data = _observation(check, 0)
+    rng = random.Random(check)
+    paths = rng.sample(_leaves(data), 8)
+    for path, junk in zip(paths, [torch.zeros(()), "junk", None, torch.zeros(2, 3)] * 2):
+        forged = _observation(check, 0)
+        parent, key = _at(forged, *path)
+        parent[key] = junk
+        try:
+            _judge(check, forged, 0)
+        except AssertionError:
+            continue
+        # a field the judge may legitimately ignore (a hint, an optional detail) can pass
+
+
+def test_deep_prompt_accepts_a_precomputed_key_value_cache() -> None:
+    """The expert review's false failure: the hidden-state form computed as a precomputed
+    key/value cache (attention sees T queries against P+T keys) passes, on both variants."""
+    objects = graded_objects(VARIANTS["deep_prefilled_cache"])
+    for seed in (0, GRADING_VARIANT):
+        data = _observation("check_deep_prompt", seed, objects)
+        calls = data["models"][0]["recording"]["calls"]
+        assert any(c["key_len"] > c["query_len"] for c in calls)
+        _judge("check_deep_prompt", data, seed)
+
+
+_KERNEL_WITHOUT_REFERENCE = """
+import importlib.util
+import sys
+from pathlib import Path
+
+sys.modules["autograder.reference"] = None  # as in a grading kernel: no reference, no bug zoo
+sys.modules["autograder.bugzoo"] = None
+
+from autograder.checks import protocol
+
+# the student's notebook: the reference's code, loaded as a module of the student's own
+spec = importlib.util.spec_from_file_location("student_solution", "autograder/reference.py")
+student = importlib.util.module_from_spec(spec)
+sys.modules["student_solution"] = student
+spec.loader.exec_module(student)
+
+folder, seed = Path(sys.argv[1]), int(sys.argv[2])
+for name, objects in (
+    ("check_build_prefix_cache", (student.build_prefix_cache,)),
+    ("check_prefix_forward", (student.prefix_forward, student.PrefixEncoder)),
+    ("check_deep_prompt", (student.DeepPrompt, student.deep_prompt_forward)),
+    (
+        "check_checkpointed_prefix_forward",
+        (student.checkpoint_safe_prefix_forward, student.PrefixEncoder),
+    ),
+):
+    protocol.capture(name, objects, (folder, seed))
+assert "autograder.reference" not in {m for m, v in sys.modules.items() if v is not None}
+"""
+
+
+def test_observes_without_the_reference_and_is_judged_elsewhere(tmp_path) -> None:
+    script = tmp_path / "kernel.py"
+    script.write_text(_KERNEL_WITHOUT_REFERENCE)
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(GRADING_VARIANT)],
+        cwd=root,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) == 4
+    for path in files:
+        name = path.stem.split("-", 2)[2]
+        assert protocol.FAILED not in protocol.read(path), protocol.read(path)
+        protocol.judge_file(name, path, GRADING_VARIANT)
