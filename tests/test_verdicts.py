@@ -151,3 +151,59 @@ def test_hooks_that_only_hide_errors_do_not_cost_a_correct_notebook(tmp_path) ->
     attack = ATTACKS["display 'ok' after every cell"] + "\n" + ATTACKS["custom exception handler"]
     graded = _grade(_notebook(GOOD, '"b"', attack=attack), tmp_path)
     assert graded["test_freeze"][0] == 2 and graded["test_q1"][0] == 1
+
+
+# --- the released notebooks: every graded cell is judged by the grader ------------------------
+import ast  # noqa: E402
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from autograder.checks import NOTEBOOK_CHECKS, protocol  # noqa: E402
+
+SOLUTIONS = sorted((Path(__file__).resolve().parents[1] / "solutions").glob("*/*.ipynb"))
+
+
+def _calls(source: str) -> list[tuple[str, str, list[str]]]:
+    """``(kind, check name, argument names)`` of each selfcheck call in ``source``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        if not (isinstance(node.func.value, ast.Name) and node.func.value.id == "selfcheck"):
+            continue
+        kind, args = node.func.attr, node.args
+        if kind == "run" and args and isinstance(args[0], ast.Attribute):
+            found.append((kind, args[0].attr, [ast.unparse(a) for a in args[1:]]))
+        elif kind == "hidden" and args and isinstance(args[0], ast.Constant):
+            found.append((kind, args[0].value, [ast.unparse(a) for a in args[1:]]))
+    return found
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.stem)
+def test_every_graded_cell_is_judged_by_the_grader(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    defined = {
+        m for cell in nb.cells for m in re.findall(r"^(?:def|class) (\w+)", cell.source, re.M)
+    }
+    assigned = {
+        m for cell in nb.cells for m in re.findall(r"^(\w+)(?:, \w+)* = ", cell.source, re.M)
+    }
+    visible, hidden = set(), set()
+    for cell in nb.cells:
+        meta = cell.metadata.get("nbgrader", {})
+        if cell.cell_type != "code" or not meta.get("grade"):
+            continue
+        expected = expected_checks(cell.source)
+        assert expected, f"{path.stem}/{meta['grade_id']}: the grader would find no check here"
+        for item in expected:
+            protocol.resolve(item.name)  # observe and judge exist
+        for kind, name, args in _calls(cell.source):
+            want = list(NOTEBOOK_CHECKS[name][1])
+            assert args[: len(want)] == want or name in (
+                "check_prompt_artifact",
+                "check_prefix_artifact",
+                "check_sweep_artifact",
+            ), f"{path.stem}: {name}({args}) expects {want}"
+            assert set(args[: len(want)]) <= defined | assigned | {"model"}, (name, args)
+            (visible if kind == "run" else hidden).add(name)
+    assert visible <= hidden, f"{path.stem}: no hidden test for {sorted(visible - hidden)}"
