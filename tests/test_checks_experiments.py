@@ -1,18 +1,17 @@
-"""The checks of notebook 03 (experiments): registered with buggy twins, the reference passes,
-other correct designs pass too, the hidden-test path works, and the saved-study check accepts a
-plausible study and names what is wrong with an implausible one. (Every twin failing with its
-message is proven in ``test_bugzoo.py``.)"""
+"""The checks of notebook 03 (experiments): registered with buggy twins, the reference passes, the
+hidden-test path works, and the saved-study check accepts a plausible study and names what is
+wrong with an implausible one or a file of another structure. (Every twin failing with its
+message, and every valid variant passing, is proven in ``test_bugzoo.py``.)"""
 
 from __future__ import annotations
 
 import random
-import typing
 
 import pytest
 import torch
 
 from autograder import reference
-from autograder.bugzoo import BUGS, graded_objects
+from autograder.bugzoo import BUGS, VARIANTS, graded_objects
 from autograder.bugzoo import experiments as experiment_bugs
 from autograder.checks import CHECKS, experiments, get_check, guard
 from course.compat import kv_geometry
@@ -25,11 +24,14 @@ def _run(check: str, objects: dict[str, object]) -> None:
     get_check(check)(*(objects[name] for name in CHECKS[check][1]))
 
 
-def test_new_checks_are_registered_with_twins() -> None:
+def test_new_checks_are_registered_with_twins_and_variants() -> None:
     assert set(NEW_CHECKS) <= set(CHECKS)
     assert set(NEW_BUGS) <= set(BUGS) and len(NEW_BUGS) >= 6
     assert {c for name in NEW_BUGS for c in BUGS[name].caught_by} == set(NEW_CHECKS)
     assert {BUGS[name].notebook for name in NEW_BUGS} == {"03"}
+    replaced = {n for v in experiment_bugs.VARIANTS for n in v.replaces}
+    assert replaced == {"make_method", "run_sweep"}
+    assert all(VARIANTS[v.name] is v for v in experiment_bugs.VARIANTS)
 
 
 @pytest.mark.parametrize("check", NEW_CHECKS)
@@ -67,89 +69,24 @@ def test_tiny_tokenizer_round_trips() -> None:
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
 
 
-# --- other correct designs pass ----------------------------------------------------------------
-class MethodTuple(typing.NamedTuple):
-    name: str
-    params: list
-    loss_fn: typing.Callable
-    generate_fn: typing.Callable
-    n_trainable: int
-    n_stored: int
+def test_module_imports_no_reference_or_bug_zoo_at_top_level() -> None:
+    import ast
+    from pathlib import Path
 
-
-def make_method_tuple_wide_lora(name, model, tok, **options):
-    """A named tuple instead of the dataclass; LoRA on Llama also adapts the output projection."""
-    if name == "lora" and model.config.model_type != "gpt2":
-        from peft import LoraConfig, get_peft_model
-
-        reference.freeze_backbone(model)
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
-        get_peft_model(model, LoraConfig(r=options.get("rank", 4), target_modules=targets))
-        params = [p for p in model.parameters() if p.requires_grad]
-        n = sum(p.numel() for p in params)
-
-        def loss_fn(batch):
-            return model(**batch).loss
-
-        def generate_fn(ids, mask, max_new):
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            )  # fmt: skip
-            return out[:, ids.shape[1] :]
-
-        return MethodTuple(name, params, loss_fn, generate_fn, n, n)
-    method = reference.make_method(name, model, tok, **options)
-    return MethodTuple(*(getattr(method, f) for f in MethodTuple._fields))
-
-
-@pytest.mark.parametrize("check", ["check_method_parameters", "check_method_functions"])
-def test_another_correct_make_method_passes(check: str) -> None:
-    get_check(check)(make_method_tuple_wide_lora)
-
-
-def run_sweep_seeding_first(
-    configs, load, make_method, task, train_examples, eval_examples, steps, batch_size=8, seed=0
-):
-    """Seeds torch alone, before loading; a percentage of the backbone with its adapters."""
-    import course
-
-    rows = []
-    for config in configs:
-        config = dict(config)
-        name, lr = config.pop("method"), config.pop("lr")
-        label, n_train = config.pop("label", name), config.pop("n_train", None)
-        torch.manual_seed(seed)
-        model, tok = load()
-        method = make_method(name, model, tok, **config)
-        total = sum(p.numel() for p in model.parameters())  # adapters included: within 2%
-        data = course.batches(tok, train_examples[:n_train], batch_size, seed=seed)
-        run = course.train(method.loss_fn, method.params, data, steps=steps, lr=lr, seed=seed)
-        scores = course.evaluate(
-            task, None, tok, eval_examples, show_progress=False, generate=method.generate_fn
-        )
-        rows.append(
-            {
-                "label": label,
-                "method": name,
-                "trainable": method.n_trainable,
-                "stored": method.n_stored,
-                "pct": 100 * method.n_trainable / total,
-                "steps": run.steps,
-                "seconds": run.seconds,
-                **{k: v for k, v in scores.items() if k != "predictions"},
-            }
-        )
-    return rows
-
-
-def test_another_correct_run_sweep_passes() -> None:
-    experiments.check_run_sweep(run_sweep_seeding_first)
+    tree = ast.parse(Path(experiments.__file__).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            names = {f"{node.module}.{a.name}" for a in node.names} | {node.module or ""}
+        elif isinstance(node, ast.Import):
+            names = {a.name for a in node.names}
+        else:
+            continue
+        assert not any(n.startswith(("autograder.reference", "autograder.bugzoo")) for n in names)
 
 
 # --- the saved study ---------------------------------------------------------------------------
 GEOMETRY = {"n_layers": 4, "n_heads": 4, "n_kv_heads": 4, "head_dim": 48, "hidden_size": 192}
-TOTAL = 2_025_600
+TOTAL = 2_025_600  # the bundled tiny LM
 
 
 def _row(config: dict, steps: int = 30, score: float = 20.0) -> dict:
@@ -192,9 +129,12 @@ def _study() -> dict:
     study["setup"] = {
         "backbone": "tiny",
         "backbone_params": TOTAL,
-        "geometry": GEOMETRY,
+        "geometry": dict(GEOMETRY),
+        "task": "data_to_text",
         "metric": "slot_accuracy",
         "steps": 30,
+        "batch_size": 4,
+        "n_eval": 24,
         "configs": configs,
         "baseline": {"slot_accuracy": 0.7, "bleu": 1.0},
     }
@@ -203,6 +143,10 @@ def _study() -> dict:
 
 def test_a_plausible_study_passes() -> None:
     experiments.check_sweep_artifact(_study())
+
+
+def _swap_rows(s: dict) -> None:
+    s["methods"][0], s["methods"][1] = s["methods"][1], s["methods"][0]
 
 
 @pytest.mark.parametrize(
@@ -214,12 +158,55 @@ def test_a_plausible_study_passes() -> None:
         (lambda s: s["methods"][0].update(slot_accuracy=140.0), "[0, 100]"),
         (lambda s: [r.update(slot_accuracy=1.0) for r in s["methods"]], "did training run"),
         (lambda s: s["methods"].pop(), "rows for"),
+        (_swap_rows, "rows follow the configurations"),
+        (lambda s: s["methods"][3].update(trainable=900_000, stored=900_000), "LoRA trains"),
+        (lambda s: s["setup"].update(n_eval=4), "at least 24"),
+        # the baseline is recomputed for the tiny LM: a forged one is refused ...
+        (lambda s: s["setup"]["baseline"].update(slot_accuracy=40.0), "frozen tiny LM scores"),
+        # ... and the geometry and size are those of the real tiny LM, whatever the kernel says
+        (lambda s: s["setup"].update(backbone_params=TOTAL + 1), "backbone size"),
+        (lambda s: s["setup"]["geometry"].update(n_layers=5), "backbone geometry"),
     ],
 )
 def test_an_implausible_study_is_named(spoil, message: str) -> None:
     study = _study()
     spoil(study)
     with pytest.raises(AssertionError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        experiments.check_sweep_artifact(study)
+
+
+def test_a_lower_forged_baseline_does_not_lower_the_bar() -> None:
+    """The floor is the tiny LM's own score (0.7 here) even where the study claims less."""
+    study = _study()
+    study["setup"]["baseline"]["slot_accuracy"] = 0.0
+    for row in study["methods"]:
+        row["slot_accuracy"] = 5.0  # above the forged 0 + 5, below the real 0.7 + 5
+    with pytest.raises(AssertionError, match="did training run"):
+        experiments.check_sweep_artifact(study)
+
+
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        (lambda s: s["setup"].update(steps="30"), "setup.steps is '30', expected an int"),
+        (lambda s: s["methods"].__setitem__(0, "row"), "expected a list of dicts"),
+        (lambda s: s["setup"].pop("geometry"), "setup.geometry is None, expected a dict"),
+        (lambda s: s["setup"]["configs"].update(length="P=1"), "expected a list of rows"),
+        (lambda s: s["methods"][0].update(trainable=torch.zeros(3)), "expected an int"),
+        (lambda s: s["setup"].update(metric="bleu"), "do not go together"),
+    ],
+)
+def test_a_study_of_another_structure_gets_a_message_about_the_file(spoil, message) -> None:
+    study = _study()
+    spoil(study)
+    with pytest.raises(AssertionError, match=message) as info:
+        experiments.check_sweep_artifact(study)
+    assert not isinstance(info.value, experiments.MalformedObservation)
+
+
+@pytest.mark.parametrize("study", [None, [], "sweep.pt", {"methods": []}])
+def test_no_study_at_all_is_named(study) -> None:
+    with pytest.raises(AssertionError, match="without its 'setup'"):
         experiments.check_sweep_artifact(study)
 
 
@@ -232,3 +219,16 @@ def test_the_study_must_fit_the_backbone(tiny_lm) -> None:
     study["setup"]["backbone_params"] = TOTAL + 1
     with pytest.raises(AssertionError, match="backbone size"):
         experiments.check_sweep_artifact(study, model)
+
+
+def test_a_hub_backbone_is_checked_against_the_notebooks_model(tiny_lm) -> None:
+    """A study of another backbone is compared with what the notebook's model reports."""
+    model, _ = tiny_lm
+    study = _study()
+    study["setup"]["backbone"] = "gpt2"
+    data = experiments.observe_sweep_artifact(study, model)
+    data["model"] = {"backbone": "gpt2", "params": TOTAL, "geometry": GEOMETRY}
+    experiments.judge_sweep_artifact(experiments.Observed(data))
+    data["model"]["params"] = TOTAL * 2
+    with pytest.raises(AssertionError, match="backbone size"):
+        experiments.judge_sweep_artifact(experiments.Observed(data))
