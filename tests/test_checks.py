@@ -1,6 +1,6 @@
 """The checking machinery: tiny models, the recording attention, the harness (silence, state
-left untouched, messages for crashes and stubs), the generic training check, and the guard
-against monkeypatching."""
+left untouched, messages for crashes and stubs), the generic training check, and the judges'
+refusal of forged observations."""
 
 from __future__ import annotations
 
@@ -18,9 +18,7 @@ from autograder.checks import (
     CHECKS,
     frozen,
     get_check,
-    guard,
     harness,
-    prefix,
     protocol,
     recording,
 )
@@ -168,53 +166,6 @@ def test_untrained_module_is_caught() -> None:
         frozen.check_backbone_unchanged_after_training(
             reference.freeze_backbone, _soft_prompt, detached_forward
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# guard
-# ---------------------------------------------------------------------------------------------
-
-
-def test_guard_finds_nothing_in_a_clean_session() -> None:
-    assert guard.tampering() == []
-
-
-def test_fresh_module_is_a_new_copy_that_works() -> None:
-    copy = guard.fresh("autograder.checks.prefix")
-    assert copy is not prefix
-    assert copy.student_call is not harness.student_call  # its imports are fresh copies too
-    assert sys.modules["autograder.checks.prefix"] is prefix
-    assert sys.modules["autograder.reference"] is reference
-    copy.check_build_prefix_cache(reference.build_prefix_cache)
-    assert guard.tampering() == []
-
-
-def test_guard_detects_a_patched_reference(monkeypatch) -> None:
-    monkeypatch.setattr(reference, "prefix_forward", lambda *a, **k: None)
-    with pytest.raises(AssertionError, match=r"autograder\.reference\.prefix_forward was replaced"):
-        guard.fresh("autograder.checks.prefix")
-
-
-def test_guard_detects_a_patched_check_method_and_constant(monkeypatch) -> None:
-    monkeypatch.setattr(prefix, "check_prefix_forward", lambda *a: None)
-    monkeypatch.setattr(reference.PrefixEncoder, "forward", lambda self: None)
-    monkeypatch.setattr(prefix, "_ATOL", 1e9)
-    problems = guard.tampering()
-    assert "autograder.checks.prefix.check_prefix_forward was replaced" in problems
-    assert "autograder.reference.PrefixEncoder.forward was replaced" in problems
-    assert "autograder.checks.prefix._ATOL was changed" in problems
-
-
-def test_guard_detects_a_replaced_module(monkeypatch) -> None:
-    fake = type(sys)("autograder.checks.prefix")
-    monkeypatch.setitem(sys.modules, "autograder.checks.prefix", fake)
-    with pytest.raises(AssertionError, match="is not the module loaded from"):
-        guard.fresh("autograder.checks.prefix")
-
-
-def test_guard_detects_a_rebound_import(monkeypatch) -> None:
-    monkeypatch.setattr(prefix, "student_call", lambda what, fn, *a, **k: fn(*a, **k))
-    assert "autograder.checks.prefix.student_call was replaced" in guard.tampering()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,10 +14,12 @@ with a message that says what was observed, what was expected and the likely mis
   the equal-budget sweep harness.
 * :mod:`~autograder.checks.serving` — notebook 04, prefix files and mixed-tenant batches.
 * :mod:`~autograder.checks.debugging` — notebook 05, a prefix under gradient checkpointing.
-* :mod:`~autograder.checks.guard` — load a check module afresh and detect monkeypatching.
+* :mod:`~autograder.checks.protocol` — every check as an *observe* half (student code, in the
+  kernel) and a *judge* half (the grader's process, from data only).
 
 Visible notebook cells call them through :func:`autograder.selfcheck.run`; hidden tests call
-``guard.fresh("autograder.checks.prefix").check_prefix_forward(...)``.
+``selfcheck.hidden("check_prefix_forward", ...)``; under grading both only observe, and the
+grader judges (:mod:`autograder.pipeline.verdicts`).
 """
 
 from __future__ import annotations

@@ -189,7 +189,7 @@ def record(model: nn.Module) -> Iterator[Recording]:
     The model's attention implementation is switched to the recording one (eager underneath,
     same outputs) and restored afterwards, and all hooks are removed.
     """
-    # (re-)register on every use: a freshly loaded copy of this module (see guard.fresh) must
+    # (re-)register on every use: a second copy of this module (loaded from its file) must
     # not leave the name pointing at a function that records into another module's list
     AttentionInterface.register(NAME, _recording_attention)
     AttentionMaskInterface.register(NAME, eager_mask)
