@@ -238,13 +238,16 @@ import importlib.util
 import sys
 from pathlib import Path
 
-sys.modules["autograder.reference"] = None  # as in a grading kernel: no reference, no bug zoo
+# as in notebook 03's grading sandbox: no reference for make_method/run_sweep, no bug zoo
+sys.modules["autograder.reference.experiments"] = None
 sys.modules["autograder.bugzoo"] = None
 
 from autograder.checks import protocol
 
 # the student's notebook: the reference's code, loaded as a module of the student's own
-spec = importlib.util.spec_from_file_location("student_solution", "autograder/reference.py")
+spec = importlib.util.spec_from_file_location(
+    "student_solution", "autograder/reference/experiments.py"
+)
 student = importlib.util.module_from_spec(spec)
 sys.modules["student_solution"] = student
 spec.loader.exec_module(student)
@@ -256,7 +259,7 @@ for name, objects in (
     ("check_run_sweep", (student.run_sweep,)),
 ):
     protocol.capture(name, objects, (folder, seed))
-assert "autograder.reference" not in {m for m, v in sys.modules.items() if v is not None}
+assert "autograder.reference.experiments" not in {m for m, v in sys.modules.items() if v}
 """
 
 

@@ -247,29 +247,30 @@ def test_deep_prompt_accepts_a_precomputed_key_value_cache() -> None:
 
 
 _KERNEL_WITHOUT_REFERENCE = """
-import importlib.util
 import sys
 from pathlib import Path
 
 sys.modules["autograder.reference"] = None  # as in a grading kernel: no reference, no bug zoo
 sys.modules["autograder.bugzoo"] = None
+import torch
 
+import course
 from autograder.checks import protocol
 
-# the student's notebook: the reference's code, loaded as a module of the student's own
-spec = importlib.util.spec_from_file_location("student_solution", "autograder/reference.py")
-student = importlib.util.module_from_spec(spec)
-sys.modules["student_solution"] = student
-spec.loader.exec_module(student)
+# the student's notebooks: the solution cells of 02 and of 05, each in its own namespace
+code = sys.stdin.read().split("# ===== notebook 05 =====")
+student02, student05 = {"torch": torch, "course": course}, {"torch": torch, "course": course}
+exec(compile(code[0], "notebook 02", "exec"), student02)
+exec(compile(code[1], "notebook 05", "exec"), student05)
 
 folder, seed = Path(sys.argv[1]), int(sys.argv[2])
 for name, objects in (
-    ("check_build_prefix_cache", (student.build_prefix_cache,)),
-    ("check_prefix_forward", (student.prefix_forward, student.PrefixEncoder)),
-    ("check_deep_prompt", (student.DeepPrompt, student.deep_prompt_forward)),
+    ("check_build_prefix_cache", (student02["build_prefix_cache"],)),
+    ("check_prefix_forward", (student02["prefix_forward"], student02["PrefixEncoder"])),
+    ("check_deep_prompt", (student02["DeepPrompt"], student02["deep_prompt_forward"])),
     (
         "check_checkpointed_prefix_forward",
-        (student.checkpoint_safe_prefix_forward, student.PrefixEncoder),
+        (student05["checkpoint_safe_prefix_forward"], student02["PrefixEncoder"]),
     ),
 ):
     protocol.capture(name, objects, (folder, seed))
@@ -277,17 +278,35 @@ assert "autograder.reference" not in {m for m, v in sys.modules.items() if v is 
 """
 
 
+def _solution_cells(notebook: str) -> str:
+    """The code of a solution notebook's answer cells (the student's own definitions)."""
+    import json
+
+    root = Path(__file__).resolve().parents[1]
+    (path,) = (root / "solutions").glob(f"{notebook}_*/{notebook}_*.ipynb")
+    cells = json.loads(path.read_text())["cells"]
+    return "\n\n".join(
+        "".join(c["source"])
+        for c in cells
+        if c["cell_type"] == "code"
+        and c["metadata"].get("nbgrader", {}).get("solution")
+        and not c["metadata"]["nbgrader"]["grade_id"].startswith("answer_")
+    )
+
+
 def test_observes_without_the_reference_and_is_judged_elsewhere(tmp_path) -> None:
     script = tmp_path / "kernel.py"
     script.write_text(_KERNEL_WITHOUT_REFERENCE)
     root = Path(__file__).resolve().parents[1]
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, str(script), str(tmp_path), str(GRADING_VARIANT)],
         cwd=root,
-        check=True,
         capture_output=True,
+        text=True,
+        input=_solution_cells("02") + "\n# ===== notebook 05 =====\n" + _solution_cells("05"),
         env={**os.environ, "PYTHONPATH": str(root)},
     )
+    assert done.returncode == 0, done.stderr[-3000:]
     files = sorted(tmp_path.glob("*.safetensors"))
     assert len(files) == 4
     for path in files:

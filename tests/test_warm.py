@@ -1,5 +1,7 @@
 """Warm grading kernels (``autograder.pipeline.warm``): a kernel forked from the zygote must be
 the kernel a normal launch gives, and crashes, hangs and restarts must work through it.
+Sandboxed kernels (the default of ``ResilientExecute``) are tested in ``test_sandbox.py``; here
+the plain kernel managers run unsandboxed.
 
 The fault students of ``tests/test_pipeline.py`` are graded through warm kernels too (it is the
 default); here the kernel is inspected directly.
@@ -85,10 +87,13 @@ def test_environment_read_at_import_time_falls_back_to_a_normal_kernel(
 
 
 def test_crash_hang_and_interrupt_through_forked_kernels(zygote, tmp_path) -> None:
+    """Through sandboxed forked kernels, as grading runs them: each sees itself as PID 2 of
+    its own namespace; a kernel forked from the zygote already has torch imported."""
+    here = "print(os.getpid(), os.getppid(), 'torch' in sys.modules)"
     cells = [
-        "import os\nx = 41\nprint(os.getppid())",
+        f"import os, sys\nx = 41\n{here}",
         "os._exit(3)",  # the kernel dies: restarted, the first cell replayed
-        "x += 1\nprint(x, os.getppid())",
+        f"x += 1\nprint(x)\n{here}",
         "import time\ntime.sleep(60)",  # interrupted at the timeout: an ordinary error
         "while True:\n    try:\n        time.sleep(60)\n"
         "    except KeyboardInterrupt:\n        pass",
@@ -98,12 +103,13 @@ def test_crash_hang_and_interrupt_through_forked_kernels(zygote, tmp_path) -> No
     execute = ResilientExecute(
         timeout=3, interrupt_on_timeout=True, raise_on_iopub_timeout=False, probe_timeout=2
     )
-    assert execute.kernel_manager_class is warm.WarmKernelManager
+    assert execute.kernel_manager_class is warm.WarmKernelManager and execute.sandbox
     execute.preprocess(nb, {"metadata": {"path": str(tmp_path)}})
     outputs = [c.outputs for c in nb.cells]
-    assert outputs[0][0]["text"].strip() == str(zygote.process.pid)
+    forked = "True" if not zygote.mismatch(dict(os.environ)) else "False"  # others edit files
+    assert outputs[0][0]["text"].split() == ["2", "1", forked], outputs[0]
     assert [o.get("ename") for o in outputs[1]] == [KERNEL_DIED]
-    assert outputs[2][0]["text"].split() == ["42", str(zygote.process.pid)], outputs[2]
+    assert outputs[2][0]["text"].split() == ["42", "2", "1", forked], outputs[2]
     assert any(o.get("output_type") == "error" for o in outputs[3]), outputs[3]
     assert KERNEL_UNRESPONSIVE in [o.get("ename") for o in outputs[4]], outputs[4]
     assert outputs[5][0]["text"].strip() == "after 42", "the kernel was restored after the hang"

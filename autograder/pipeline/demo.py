@@ -56,7 +56,9 @@ def _scratch(course: Course, assignments: Sequence[str], timeout: int) -> Course
     config = (course.root / CONFIG_NAME).read_text(encoding="utf-8")
     (root / CONFIG_NAME).write_text(
         f"{config}\n# demo: a shorter limit, so the looping student costs less time\n"
-        f"c.Execute.timeout = {timeout}\n",
+        f"c.Execute.timeout = {timeout}\n"
+        "# demo: bug-zoo students import the zoo (the instructor's own code)\n"
+        "c.GradedExecute.hide_answers = False\n",
         encoding="utf-8",
     )
     for assignment in assignments:

@@ -7,10 +7,19 @@ records an error output in that cell, which scores it 0 like any failing cell, r
 kernel, runs again the cells that had run before (their outputs are kept from the first run),
 and goes on with the next cell. The error names are :data:`KERNEL_DIED`,
 :data:`KERNEL_UNRESPONSIVE` and :data:`KERNEL_UNAVAILABLE`; the grade report looks for them.
+
+Every kernel it starts (forked from the warm zygote or launched) runs in an OS sandbox
+(:mod:`autograder.pipeline.sandbox`) unless ``c.ResilientExecute.sandbox = False``: it sees the
+Python installation and the course packages read-only, writes only a private copy of the
+student's folder, /tmp, its home and the folders of ``sandbox_writable`` (plus those in
+``$AUTOGRADER_SANDBOX_WRITABLE``, separated by ``os.pathsep``), and has no network. When this
+machine cannot make sandboxes, the kernel start fails with the reason and the fix.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from queue import Empty
 from time import monotonic
 from typing import Any
@@ -19,9 +28,16 @@ from jupyter_core.utils import ensure_async, run_sync
 from nbclient.exceptions import DeadKernelError
 from nbformat.notebooknode import NotebookNode
 from nbgrader.preprocessors import Execute
-from traitlets import Bool, Integer
+from traitlets import Bool, Dict, Integer, List, Unicode
 
 from autograder.pipeline import warm
+from autograder.pipeline.sandbox import (
+    DEFAULT_HIDDEN,
+    Limits,
+    SandboxError,
+    SandboxSpec,
+    default_spec,
+)
 
 KERNEL_DIED = "KernelDied"
 KERNEL_UNRESPONSIVE = "KernelUnresponsive"
@@ -57,10 +73,65 @@ class ResilientExecute(Execute):
         "about 8 s per notebook on a 2-core CPU; the notebook still gets its own process.",
     ).tag(config=True)
 
+    sandbox = Bool(
+        True,
+        help="Run every grading kernel in an OS sandbox (autograder.pipeline.sandbox): no "
+        "network, no access to the course tree, the gradebook or other students' files. False "
+        "runs student code with the grader's own permissions.",
+    ).tag(config=True)
+
+    sandbox_writable = List(
+        Unicode(),
+        help="Folders a sandboxed kernel may write besides its private ones (the grader reads "
+        "them). $AUTOGRADER_SANDBOX_WRITABLE adds more (separated by os.pathsep).",
+    ).tag(config=True)
+
+    sandbox_hidden = List(
+        Unicode(),
+        default_value=list(DEFAULT_HIDDEN),
+        help="Files and folders of the course packages a sandboxed kernel sees empty (relative "
+        "to the folder that holds them, or absolute).",
+    ).tag(config=True)
+
+    sandbox_limits = Dict(
+        help="Overrides of the sandbox's resource limits: fields of "
+        "autograder.pipeline.sandbox.Limits, e.g. {'memory': 8 << 30, 'disk': 1 << 30}.",
+    ).tag(config=True)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.warm_kernels and warm.supported():
             self.kernel_manager_class = warm.WarmKernelManager
+        elif self.sandbox:
+            self.kernel_manager_class = warm.SandboxKernelManager
+
+    def sandbox_spec(self, cwd: Path) -> SandboxSpec:
+        """The sandbox of a kernel working in ``cwd`` (called at every kernel start)."""
+        course = self.config.get("CourseDirectory", {}).get("root") or os.getcwd()
+        return default_spec(
+            cwd,
+            course,
+            self.sandbox_writable,
+            hidden=self.sandbox_hidden,
+            limits=Limits(**self.sandbox_limits),
+        )
+
+    async def async_start_new_kernel(self, **kwargs: Any) -> None:
+        """Start the kernel, sandboxed unless ``sandbox`` is False."""
+        if self.sandbox:
+            if not isinstance(self.km, warm.SandboxKernelManager):
+                raise SandboxError(
+                    f"sandbox = True, but the kernel manager {type(self.km).__name__} cannot "
+                    "sandbox its kernels (use autograder.pipeline.warm.SandboxKernelManager)"
+                )
+            self.km.sandbox_spec = self.sandbox_spec
+        await super().async_start_new_kernel(**kwargs)
+
+    def start_new_kernel(self, **kwargs: Any) -> None:
+        """What ``ExecutePreprocessor.setup_kernel`` calls. nbclient binds it to
+        ``NotebookClient.async_start_new_kernel`` itself, which would skip the sandbox (and any
+        subclass's override): dispatch to this object's ``async_start_new_kernel`` instead."""
+        run_sync(self.async_start_new_kernel)(**kwargs)
 
     def preprocess(
         self, nb: NotebookNode, resources: Any = None, km: Any = None

@@ -36,7 +36,7 @@ from typing import Any
 
 from jupyter_core.utils import run_sync
 from nbformat.notebooknode import NotebookNode
-from traitlets import Bool, Integer
+from traitlets import Bool, Dict, Integer, List, Unicode
 
 from autograder.checks import protocol
 from autograder.pipeline.execute import KERNEL_ERRORS, ResilientExecute, error_output
@@ -190,6 +190,38 @@ class GradedExecute(ResilientExecute):
         config=True
     )
 
+    hide_answers = Bool(
+        True,
+        help="Hide the reference implementations, the answer keys and the bug zoo from grading "
+        "kernels (sandboxed). False only for the instructor's own notebooks: verify and demo "
+        "grade bug-zoo students that import the zoo.",
+    ).tag(config=True)
+
+    reference_visible = Dict(
+        value_trait=List(Unicode()),
+        default_value={"03_experiments": ["common", "prompt", "prefix"]},
+        help="Per assignment, the reference modules (autograder/reference/<name>.py) its "
+        "notebook imports on purpose; every other reference module stays hidden. Notebook 03 "
+        "builds on the reference prompt and prefix of 01 and 02, never on make_method's.",
+    ).tag(config=True)
+
+    def hidden_for(self, assignment: str) -> list[str]:
+        """What a sandboxed kernel grading ``assignment`` sees empty."""
+        from autograder.pipeline.sandbox import DEFAULT_HIDDEN, PACKAGE_ROOT
+
+        if not self.hide_answers:
+            return []
+        visible = self.reference_visible.get(assignment)
+        if not visible:
+            return list(DEFAULT_HIDDEN)
+        modules = sorted(
+            p.stem
+            for p in (PACKAGE_ROOT / "autograder" / "reference").glob("*.py")
+            if p.stem != "__init__" and p.stem not in visible
+        )
+        rest = [h for h in DEFAULT_HIDDEN if h != "autograder/reference"]
+        return [f"autograder/reference/{m}.py" for m in modules] + rest
+
     def preprocess(
         self, nb: NotebookNode, resources: Any = None, km: Any = None
     ) -> tuple[NotebookNode, Any]:
@@ -208,8 +240,9 @@ class GradedExecute(ResilientExecute):
             self._backbone, notes = stamped_backbone(Path(path))
         for note in notes:
             self.log.warning("backbone: %s", note)
-        if hasattr(self, "sandbox_writable"):
-            self.sandbox_writable = [*self.sandbox_writable, str(self._channel)]
+        self.sandbox_writable = [*self.sandbox_writable, str(self._channel)]
+        if path:
+            self.sandbox_hidden = self.hidden_for(Path(path).name)
         try:
             nb, resources = super().preprocess(nb, resources, km)
             for index, cell in enumerate(nb.cells):

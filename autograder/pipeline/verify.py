@@ -246,7 +246,12 @@ def verify(
         shutil.rmtree(work)
     scratch = Course(work / "course")
     scratch.solutions.mkdir(parents=True)
-    shutil.copy(course.root / CONFIG_NAME, scratch.root / CONFIG_NAME)
+    config = (course.root / CONFIG_NAME).read_text(encoding="utf-8")
+    (scratch.root / CONFIG_NAME).write_text(
+        f"{config}\n# verify: bug-zoo students import the zoo (the instructor's own code)\n"
+        "c.GradedExecute.hide_answers = False\n",
+        encoding="utf-8",
+    )
     for assignment in selected:
         shutil.copytree(
             course.solutions / assignment,

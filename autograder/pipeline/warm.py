@@ -25,12 +25,26 @@ The pieces:
   imported it, or a zygote that failed to start (the reason is logged).
 - :class:`WarmKernelManager` uses that provisioner; ``ResilientExecute`` picks it when
   ``c.ResilientExecute.warm_kernels`` is true (the default on Linux).
+
+Sandboxed kernels (:mod:`autograder.pipeline.sandbox`): a kernel manager whose ``sandbox_spec``
+is set (a function of the kernel's working folder that returns a ``SandboxSpec``;
+``ResilientExecute`` sets it) starts every kernel in its own sandbox. A forked kernel enters it
+right after the fork, before any student code exists in it; a normal launch goes through
+``python -m autograder.pipeline.sandbox exec``. Either way the kernel talks to the grader over
+ZMQ ``ipc`` sockets in a per-kernel folder bound into the sandbox (it has no network), and a
+sandbox that cannot be made fails the kernel start with :func:`sandbox.status`'s message.
+:class:`SandboxKernelManager` does this without a zygote (``warm_kernels = False``).
+
+The zygote never imports what sandboxes hide (:data:`sandbox.DEFAULT_HIDDEN`: the reference
+solutions, the answer keys, the bug zoo): a forked kernel would otherwise inherit them in
+memory. A kernel whose sandbox hides more than the zygote kept out is launched the normal way.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -47,11 +61,14 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.provisioning import LocalProvisioner
+
+from autograder.pipeline import sandbox
 
 #: Imported once by the zygote; every forked kernel starts with them loaded. Imports only: the
 #: zygote must run no torch computation (an initialised OpenMP pool does not survive ``fork``).
@@ -111,6 +128,37 @@ def supported() -> bool:
     return sys.platform.startswith("linux") and hasattr(os, "fork")
 
 
+def _module_names(hidden: list[str]) -> list[str]:
+    """Module names of the hidden files and folders of the course packages."""
+    names = []
+    for path in map(Path, hidden):
+        try:
+            rel = path.relative_to(sandbox.PACKAGE_ROOT)
+        except ValueError:
+            continue
+        if path.suffix == ".py":
+            names.append(".".join(rel.with_suffix("").parts))
+        elif not path.suffix and "__pycache__" not in rel.parts:
+            names.append(".".join(rel.parts))
+    return names
+
+
+class _Blocked:
+    """A ``sys.meta_path`` finder of the zygote: hidden modules cannot be imported there."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        if any(fullname == n or fullname.startswith(n + ".") for n in self.names):
+            raise ImportError(f"{fullname} is kept out of the zygote (sandboxes hide it)")
+        return None
+
+
+def _unblock() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _Blocked)]
+
+
 def _import_env(env: dict[str, str]) -> dict[str, str]:
     """The part of ``env`` that modules read at import time (see :data:`IMPORT_TIME_ENV`)."""
     return {
@@ -121,9 +169,13 @@ def _import_env(env: dict[str, str]) -> dict[str, str]:
 # --------------------------------------------------------------------------------- the zygote
 
 
-def serve(address: str, parent: int) -> None:
-    """Run the zygote: preload, then fork a kernel per request until ``parent`` goes away."""
+def serve(address: str, parent: int, blocked: list[str] = ()) -> None:  # type: ignore[assignment]
+    """Run the zygote: preload, then fork a kernel per request until ``parent`` goes away.
+
+    ``blocked``: module names the zygote must not import (what sandboxes hide)."""
     before = dict(os.environ)
+    if blocked:
+        sys.meta_path.insert(0, _Blocked(list(blocked)))
     os.environ.setdefault("MPLBACKEND", _INLINE_BACKEND)  # what ipykernel would set
     # A CUDA context does not survive fork: should an import ask whether CUDA is available,
     # answer through NVML, which creates none (the kernels themselves are unaffected).
@@ -242,6 +294,8 @@ def _start_kernel(
             os.close(fd)
         conn.close()
         return
+    spec = request.get("sandbox")
+    handshake = sandbox.Handshake() if spec is not None and os.geteuid() == 0 else None
     try:
         pid = os.fork()
     except OSError as err:
@@ -255,10 +309,20 @@ def _start_kernel(
             for other in children.values():
                 other.close()
             _become_kernel(
-                request["argv"], {**set_by_imports, **request["env"]}, request["cwd"], fds
+                request["argv"],
+                {**set_by_imports, **request["env"]},
+                request["cwd"],
+                fds,
+                spec,
+                handshake,
             )
         finally:
             os._exit(1)
+    if handshake is not None:  # map the kernel's user namespace (it waits for that)
+        if pid > 0:
+            handshake.serve(pid, sandbox.SandboxSpec.from_dict(spec))
+        else:
+            handshake.close()
     for fd in fds:
         os.close(fd)
     if pid < 0:
@@ -273,8 +337,16 @@ def _start_kernel(
         _kill_group(pid)
 
 
-def _become_kernel(argv: list[str], env: dict[str, str], cwd: str, fds: list[int]) -> None:
-    """In the forked child: become ``python -m ipykernel_launcher *argv`` and never return."""
+def _become_kernel(
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    fds: list[int],
+    spec: dict[str, Any] | None = None,
+    handshake: sandbox.Handshake | None = None,
+) -> None:
+    """In the forked child: become ``python -m ipykernel_launcher *argv`` and never return;
+    with a sandbox ``spec``, inside that sandbox (this process stays outside as its holder)."""
     code = 1
     try:
         os.setsid()  # its own process group, as jupyter_client gives a local kernel
@@ -282,6 +354,10 @@ def _become_kernel(argv: list[str], env: dict[str, str], cwd: str, fds: list[int
         for target, fd in zip((1, 2), fds):  # the grader's stdout and stderr (its job log)
             os.dup2(fd, target)
             os.close(fd)
+        _unblock()  # the kernel imports what it may see as any kernel does
+        if spec is not None:
+            # returns in the sandbox only; this process stays outside as its holder
+            sandbox.enter(sandbox.SandboxSpec.from_dict(spec), handshake)
         os.chdir(cwd)
         os.environ.clear()
         os.environ.update(env)
@@ -325,15 +401,20 @@ class Zygote:
     _instance: Zygote | None = None
     _failed = False
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: tuple[str, ...] = sandbox.DEFAULT_HIDDEN) -> None:
         # Grading workers forked from this process share its zygote; only this process stops it.
         self.owner = os.getpid()
+        self.blocked = sandbox._hidden_paths(hidden)  # never imported by the zygote
         self.folder = tempfile.mkdtemp(prefix="warm-kernels-")
         self.address = str(Path(self.folder) / "zygote.sock")
         self.log = Path(self.folder) / "zygote.log"
         self.env = _import_env(dict(os.environ, MPLBACKEND=os.environ.get("MPLBACKEND", "")))
         self.files = _grader_files()  # a kernel started after an edit must see the new code
-        code = f"from autograder.pipeline.warm import serve; serve({self.address!r}, {os.getpid()})"
+        blocked = _module_names(self.blocked)
+        code = (
+            "from autograder.pipeline.warm import serve; "
+            f"serve({self.address!r}, {os.getpid()}, {blocked!r})"
+        )
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", code],
@@ -384,23 +465,40 @@ class Zygote:
             return lines[-1] if lines else "it exited without a message"
         return "its log is gone"
 
-    def mismatch(self, env: dict[str, str]) -> str:
-        """Why a kernel with ``env`` would not be the kernel the zygote gives; "" if it would."""
+    def mismatch(self, env: dict[str, str], spec: sandbox.SandboxSpec | None = None) -> str:
+        """Why a kernel with ``env`` (in the sandbox ``spec``) would not be the kernel the zygote
+        gives, or would inherit what its sandbox hides; "" if it would not."""
         wanted = _import_env(dict(env, MPLBACKEND=env.get("MPLBACKEND", "")))
         differ = sorted(k for k in set(wanted) | set(self.env) if wanted.get(k) != self.env.get(k))
         if differ:
             return "the kernel's environment differs from the zygote's in " + ", ".join(differ)
         if _grader_files() != self.files:
             return "course or autograder files changed since the zygote imported them"
+        if spec is not None:
+            exposed = [
+                p for p in spec.hidden if not any(sandbox._is_within(p, b) for b in self.blocked)
+            ]
+            if exposed:
+                return f"the sandbox hides {exposed[0]}, which the zygote may have loaded"
         return ""
 
-    def spawn(self, argv: list[str], env: dict[str, str], cwd: str) -> ForkedKernel:
-        """Fork a kernel running ``ipykernel_launcher *argv``; its output goes to ours."""
+    def spawn(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str,
+        spec: sandbox.SandboxSpec | None = None,
+    ) -> ForkedKernel:
+        """Fork a kernel running ``ipykernel_launcher *argv`` (in the sandbox ``spec``, if
+        given); its output goes to ours."""
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        request = {"argv": argv, "env": env, "cwd": cwd}
+        if spec is not None:
+            request["sandbox"] = dataclasses.asdict(spec)
         try:
             conn.settimeout(30)
             conn.connect(self.address)
-            payload = json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode() + b"\n"
+            payload = json.dumps(request).encode() + b"\n"
             socket.send_fds(conn, [payload], [1, 2])
             first, _, rest = _recv_line(conn, 30).partition(b"\n")
             if not first.isdigit():
@@ -541,30 +639,93 @@ def _launcher_args(cmd: list[str]) -> list[str] | None:
     return rest[2:]
 
 
-class WarmProvisioner(LocalProvisioner):
-    """A local provisioner whose kernels are forked from this process's zygote when possible."""
+class SandboxProvisioner(LocalProvisioner):
+    """A local provisioner that starts each kernel in a sandbox when its manager asks for one.
+
+    Per kernel it makes a folder for the connection file and the ZMQ ``ipc`` sockets (bound
+    read-write into the sandbox, removed with the kernel) and launches the kernel through
+    ``python -m autograder.pipeline.sandbox exec``. It refuses to start the kernel when this
+    machine cannot make sandboxes (:func:`sandbox.status`).
+    """
+
+    folder: str | None = None
+    spec_file: str | None = None
+
+    @property
+    def sandboxed(self) -> bool:
+        return getattr(self.parent, "sandbox_spec", None) is not None
+
+    def sandbox_spec(self, cwd: str) -> sandbox.SandboxSpec | None:
+        """The sandbox of a kernel working in ``cwd`` (None: not sandboxed)."""
+        make = getattr(self.parent, "sandbox_spec", None)
+        if make is None:
+            return None
+        assert self.folder is not None, "pre_launch makes the kernel's folder"
+        return make(Path(cwd)).with_writable(self.folder)
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        km = self.parent
+        if self.sandboxed:
+            found = sandbox.status()
+            if not found.available:
+                raise sandbox.SandboxUnavailable(found.message)
+            if self.folder is None:
+                self.folder = tempfile.mkdtemp(prefix="kernel-")
+            km.transport = "ipc"  # the sandbox has no network: Unix sockets in the folder
+            km.cache_ports = False
+            km.connection_file = os.path.join(self.folder, "kernel.json")
+            km.ip = os.path.join(self.folder, "ipc")
+            km.cleanup_connection_file()  # written afresh: the last kernel could change it
+        return await super().pre_launch(**kwargs)
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
+        spec = self.sandbox_spec(str(kwargs.get("cwd") or Path.cwd()))
+        if spec is not None:
+            if self.spec_file is None:  # outside the kernel's folder, which the kernel can write
+                handle, self.spec_file = tempfile.mkstemp(prefix="kernel-", suffix=".json")
+                os.close(handle)
+            Path(self.spec_file).write_text(spec.to_json())
+            launcher = [sys.executable, "-m", "autograder.pipeline.sandbox", "exec"]
+            cmd = [*launcher, "--spec", self.spec_file, "--", *cmd]
+        return await super().launch_kernel(cmd, **kwargs)
+
+    async def cleanup(self, restart: bool = False) -> None:
+        await super().cleanup(restart=restart)
+        if not restart:
+            if self.folder is not None:
+                shutil.rmtree(self.folder, ignore_errors=True)
+            if self.spec_file is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.spec_file)
+            self.folder = self.spec_file = None
+
+
+class WarmProvisioner(SandboxProvisioner):
+    """A provisioner whose kernels are forked from this process's zygote when possible."""
 
     forked = False
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
         args = _launcher_args(cmd)
         env = dict(kwargs.get("env") or os.environ)
+        cwd = str(kwargs.get("cwd") or Path.cwd())
+        spec = self.sandbox_spec(cwd)
         zygote = Zygote.get() if args is not None else None
         if args is None:
             why = f"the kernel command is not this Python's ipykernel_launcher: {cmd}"
         elif zygote is None:
             why = "no zygote on this platform" if not supported() else "the zygote failed"
-        elif mismatch := zygote.mismatch(env):
+        elif mismatch := zygote.mismatch(env, spec):
             why = mismatch
         elif not zygote.wait_ready():
             why = f"the zygote did not start: {zygote.why_not()}"
         else:
             why = ""
         if not why:
-            cwd = str(kwargs.get("cwd") or Path.cwd())
-            env["JPY_PARENT_PID"] = str(os.getpid())  # as jupyter_client's launcher sets it
+            # as jupyter_client's launcher sets it; a sandboxed kernel's parent is its init
+            env["JPY_PARENT_PID"] = "1" if spec is not None else str(os.getpid())
             try:
-                self.process = zygote.spawn(args, env, cwd)
+                self.process = zygote.spawn(args, env, cwd, spec)
             except (OSError, ValueError, ConnectionError) as err:
                 why = f"the zygote did not answer: {err!r}"
         if why:
@@ -584,18 +745,28 @@ class WarmProvisioner(LocalProvisioner):
         await super().send_signal(signum)
 
 
-class WarmKernelManager(AsyncKernelManager):
-    """An ``AsyncKernelManager`` whose kernels come from :class:`WarmProvisioner`."""
+class SandboxKernelManager(AsyncKernelManager):
+    """An ``AsyncKernelManager`` that sandboxes its kernels once ``sandbox_spec`` is set."""
+
+    provisioner_class: type[SandboxProvisioner] = SandboxProvisioner
+    sandbox_spec: Callable[[Path], sandbox.SandboxSpec] | None = None
+    """The sandbox of a kernel working in a given folder; None: kernels are not sandboxed."""
 
     async def _async_pre_start_kernel(self, **kw: Any) -> tuple[list[str], dict[str, Any]]:
         if self.provisioner is None:
             self.kernel_id = self.kernel_id or kw.pop("kernel_id", str(uuid.uuid4()))
-            self.provisioner = WarmProvisioner(
+            self.provisioner = self.provisioner_class(
                 kernel_id=self.kernel_id,
                 kernel_spec=self.kernel_spec,
                 parent=self,
             )
         return await super()._async_pre_start_kernel(**kw)
+
+
+class WarmKernelManager(SandboxKernelManager):
+    """A kernel manager whose kernels come from :class:`WarmProvisioner` (forked if possible)."""
+
+    provisioner_class = WarmProvisioner
 
 
 def start_early() -> None:
