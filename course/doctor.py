@@ -122,6 +122,22 @@ def _auto() -> tuple[bool | None, str]:
     return (True if named else None), f"load_backbone('auto') here: {choice.name} ({choice.reason})"
 
 
+def _grading_sandbox() -> tuple[bool | None, str]:
+    """Whether grading kernels can be sandboxed here (instructors; students need not care)."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("autograder.pipeline.sandbox") is None:
+        return None, "grading sandbox: the autograder is not installed (students do not need it)"
+    status = importlib.import_module("autograder.pipeline.sandbox").status()
+    if status.available:
+        return None, f"grading is sandboxed: {status.mechanism}"
+    return None, (
+        f"grading is NOT sandboxed here ({status.detail}); `python -m autograder grade` refuses "
+        f"to run without --unsafe. Fix: {status.fix}"
+    )
+
+
 def _checks() -> list[tuple[str, Callable[[], tuple[bool | None, str]]]]:
     from course.fetch import FETCHABLE
 
@@ -131,7 +147,7 @@ def _checks() -> list[tuple[str, Callable[[], tuple[bool | None, str]]]]:
         + [(p, lambda p=p: _version_check(p)) for p in packages]
         + [("device", _device), ("tiny model", _tiny_model)]
         + [(n, lambda n=n: _fetchable(n)) for n in FETCHABLE]
-        + [("hub", _hub), ("auto", _auto)]
+        + [("hub", _hub), ("auto", _auto), ("grading sandbox", _grading_sandbox)]
     )
 
 

@@ -263,3 +263,23 @@ def test_verify_flags_false_passes_and_false_fails(tmp_path: Path) -> None:
     assert lines["bug-cube-as-square"].rstrip().endswith("ok")
     assert "FALSE PASS in test_cube" in lines["bug-cube-slow"]
     assert "FALSE FAIL in test_cube" in lines["bug-both-wrong"]
+
+
+# --- no sandbox: refuse, or grade --unsafe and say so everywhere -----------------------------
+def test_grading_refuses_without_a_sandbox_unless_unsafe(tmp_path: Path, monkeypatch) -> None:
+    from autograder.pipeline import sandbox
+    from autograder.pipeline.coursedir import CourseError
+    from autograder.pipeline.grade import UNSAFE, grade
+
+    course = make_course(tmp_path / "course")
+    assert cli(course, "release").returncode == 0
+    ((_, done),) = classroom.notebooks_of(course, ASSIGNMENT).values()
+    submissions = tmp_path / "submissions"
+    classroom.write_submission(course, submissions, "ann", ASSIGNMENT, {ASSIGNMENT: done})
+    missing = sandbox.SandboxStatus(False, "none", "cannot create namespaces", "sysctl -w x=1")
+    monkeypatch.setattr(sandbox, "status", lambda refresh=False: missing)
+    with pytest.raises(CourseError, match="cannot create namespaces.*sysctl -w x=1.*--unsafe"):
+        grade(course, submissions)
+    results, _ = grade(course, submissions, unsafe=True)
+    assert [r.score for r in results] == [AUTO_POINTS]
+    assert all(UNSAFE in r.status for r in results), [r.status for r in results]

@@ -22,7 +22,7 @@ from typing import Any
 
 from autograder.pipeline import classroom
 from autograder.pipeline.coursedir import CONFIG_NAME, Course, names_assignment
-from autograder.pipeline.grade import grade
+from autograder.pipeline.grade import grade, sandbox_refusal
 from autograder.pipeline.release import IGNORED_NAMES, release
 from autograder.pipeline.report import NotebookResult, results_table, write_csv
 
@@ -130,12 +130,19 @@ def demo(
     faults = classroom.make_fault_students(scratch, selected[0], submissions)
     students = sorted(p.name for p in submissions.iterdir())
     print(f"class of {len(students)} in {submissions}: {', '.join(students)}")
+    refusal = sandbox_refusal(scratch)
+    if refusal:
+        print(f"warning: {refusal}")
+        print("the demo grades its own generated notebooks WITHOUT a sandbox; `grade` would refuse")
+    else:
+        print("every student's kernel runs in an OS sandbox (autograder/pipeline/sandbox.py)")
     results, _ = grade(
         scratch,
         submissions,
         selected,
         workers=workers,
         progress=lambda line: print(line, flush=True),
+        unsafe=bool(refusal),
     )
     # fault students hand in only the first assignment: their other rows are not the point
     shown = [r for r in results if r.student not in faults or r.assignment == selected[0]]

@@ -60,7 +60,7 @@ class JobResult:
 _api = None  # one NbGraderAPI per worker process
 
 
-def _init_worker(root: str) -> None:
+def _init_worker(root: str, unsafe: bool = False) -> None:
     """Worker start: load the course config and make one nbgrader API object."""
     from nbgrader.apps import NbGraderAPI
 
@@ -68,7 +68,10 @@ def _init_worker(root: str) -> None:
     course = Course.at(root)
     prepare_environment(course)
     os.chdir(course.root)
-    _api = NbGraderAPI(config=course.config())
+    config = course.config()
+    if unsafe:
+        config.ResilientExecute.sandbox = False
+    _api = NbGraderAPI(config=config)
 
 
 def _first_error(log: str, error: str) -> str:
@@ -234,6 +237,28 @@ def _check_feedback(course: Course, staged: Staged) -> list[Issue]:
     return issues
 
 
+UNSAFE = (
+    "graded WITHOUT a sandbox (--unsafe): the student's code ran with your permissions and "
+    "network; check nothing of yours changed"
+)
+
+
+def sandbox_refusal(course: Course) -> str:
+    """Why grading must not start here ("" when it may): the course asks for sandboxed kernels
+    (the default) and this machine cannot make them."""
+    if not course.config().ResilientExecute.get("sandbox", True):
+        return ""
+    from autograder.pipeline import sandbox
+
+    status = sandbox.status()
+    if status.available:
+        return ""
+    return (
+        f"{status.message}. Or grade without the sandbox with --unsafe (student code then runs "
+        "with your permissions; every report line will say so)"
+    )
+
+
 def grade(
     course: Course,
     submissions: Path,
@@ -241,13 +266,21 @@ def grade(
     workers: int = 1,
     feedback: bool = True,
     progress: Callable[[str], None] = lambda line: None,
+    unsafe: bool = False,
 ) -> tuple[list[NotebookResult], list[str]]:
     """Grade every submission in ``submissions``; results per student and notebook, warnings.
 
-    ``progress`` receives one line per finished submission.
+    ``progress`` receives one line per finished submission. Every kernel runs in an OS sandbox
+    (:mod:`autograder.pipeline.sandbox`); where none can be made, grading refuses to start
+    (:class:`CourseError` naming the fix) unless ``unsafe``, which grades without one and says
+    so in every result.
     """
     if workers < 1:
         raise CourseError(f"--workers must be at least 1, not {workers}")
+    if not unsafe:
+        refusal = sandbox_refusal(course)
+        if refusal:
+            raise CourseError(refusal)
     prepare_environment(course)
     found, warnings = find_submissions(course, submissions, assignments)
     sync_gradebook(course, sorted({assignment for _, assignment, _ in found}))
@@ -275,7 +308,7 @@ def grade(
         max_workers=max(1, min(workers, len(to_run))),
         mp_context=context,
         initializer=_init_worker,
-        initargs=(str(course.root),),
+        initargs=(str(course.root), unsafe),
     ) as pool:
         futures = {
             pool.submit(_run_job, Job(str(course.root), s.student, s.assignment, feedback)): s
@@ -308,6 +341,8 @@ def grade(
             if name in s.gradable and graded.exists():
                 issues += execution_issues(graded, name)
             issues += [i for i in run_issues if i.notebook in (name, "*")]
+            if unsafe:
+                issues.append(Issue("unsafe", name, UNSAFE))
             out.append(NotebookResult(s.student, s.assignment, name, issues))
         for issue in s.issues:
             if issue.kind == "extra":
