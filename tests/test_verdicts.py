@@ -207,3 +207,13 @@ def test_every_graded_cell_is_judged_by_the_grader(path: Path) -> None:
             assert set(args[: len(want)]) <= defined | assigned | {"model"}, (name, args)
             (visible if kind == "run" else hidden).add(name)
     assert visible <= hidden, f"{path.stem}: no hidden test for {sorted(visible - hidden)}"
+
+
+def test_outputs_are_capped_by_bytes_as_nbgrader_runs_the_preprocessor() -> None:
+    from autograder.pipeline.outputs import LimitOutputBytes
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print('x' * 50_000_000)")])
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout", text="x" * 5_000_000)]
+    nb, _ = LimitOutputBytes()(nb, {})  # nbconvert calls the instance: it must be enabled
+    assert len(nb.cells[0].outputs[0].text) < 250_000
+    assert "removed by the grader" in nb.cells[0].outputs[0].text

@@ -13,7 +13,7 @@ from typing import Any
 
 from nbconvert.preprocessors import Preprocessor
 from nbformat.notebooknode import NotebookNode
-from traitlets import Integer
+from traitlets import Bool, Integer
 
 __all__ = ["LimitOutputBytes"]
 
@@ -42,6 +42,8 @@ def _cut(text: str, budget: int) -> tuple[str, int]:
 
 class LimitOutputBytes(Preprocessor):
     """Truncate outputs to :attr:`cell_bytes` per cell and :attr:`notebook_bytes` in all."""
+
+    enabled = Bool(True, help="nbconvert runs a preprocessor only when enabled").tag(config=True)
 
     cell_bytes = Integer(200_000, help="Most bytes of output kept per cell.").tag(config=True)
     notebook_bytes = Integer(5_000_000, help="Most bytes of output kept per notebook.").tag(

@@ -8,7 +8,11 @@ In a scratch copy of the course (its own gradebook; the instructor's is untouche
     it to the buggy twin), loses exactly the cells that test it: the autograded cells whose
     source names one of the checks the bug fails (``caught_by``, ``also_fails``,
     ``downstream``). A cell that keeps its points is a false pass, any other cell that loses
-    points a false fail; where the bug gives ``message_contains``, a lost cell must show it.
+    points a false fail; where the bug gives ``message_contains``, a lost cell must show it;
+(d) each attack of :mod:`autograder.pipeline.attacks`, put into a blank notebook, scores 0 on
+    every cell the grader judges, while the solution graded in the same batch (the attacks'
+    victim) still gets every point. A kernel that crashes or hangs is an acceptable outcome of
+    an attack; a grading error is not.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, Protocol
 
 import nbformat
 
-from autograder.pipeline import classroom
+from autograder.pipeline import attacks, classroom
 from autograder.pipeline.coursedir import (
     CONFIG_NAME,
     Course,
@@ -35,6 +39,7 @@ from autograder.pipeline.grade import grade, sandbox_refusal
 from autograder.pipeline.release import IGNORED_NAMES, build
 from autograder.pipeline.report import NotebookResult, format_table
 from autograder.pipeline.submissions import grade_id
+from autograder.pipeline.verdicts import expected_checks
 
 
 class Bug(Protocol):
@@ -189,6 +194,9 @@ def _check(
                 problems.append(f"blank scores in {_cells_text(scored)}")
             rows.append(Row(assignment, label, "0 on every test cell", problems))
             continue
+        if result.student.startswith("attack-"):
+            rows.append(_check_attack(course, assignment, result, label))
+            continue
         bug = bugs[result.student.removeprefix("bug-")]
         sources = test_cell_sources(course, assignment, result.notebook)
         names = (*bug.caught_by, *getattr(bug, "also_fails", ()), *getattr(bug, "downstream", ()))
@@ -210,6 +218,23 @@ def _check(
             row.notes.append(f"not judged: the solution fails {_cells_text(expected & broken)}")
         rows.append(row)
     return rows
+
+
+def _check_attack(course: Course, assignment: str, result: NotebookResult, label: str) -> Row:
+    """An attack on a blank notebook must score nothing on the cells the grader judges."""
+    sources = test_cell_sources(course, assignment, result.notebook)
+    judged = {gid for gid, source in sources.items() if expected_checks(source)}
+    problems = [f"{issue.kind}: {issue.detail}" for issue in result.issues if issue.kind == "error"]
+    if result.score is None:
+        problems.append("no score recorded")
+    raised = _scored(result) & judged
+    if raised:
+        problems.append(f"ATTACK RAISED A SCORE in {_cells_text(raised)}")
+    row = Row(assignment, label, "0 points, nobody else affected", problems)
+    unjudged = _scored(result) - judged
+    if unjudged:
+        row.notes.append(f"scored from outputs, not protected: {_cells_text(unjudged)}")
+    return row
 
 
 def _bugs_for(assignment: str, bugs: Mapping[str, Bug]) -> dict[str, Bug]:
@@ -300,7 +325,9 @@ def _verify_assignment(
         except CourseError as err:
             raise CourseError(f"bug {name} ({assignment}): {err}") from err
         classroom.write_submission(course, out, f"bug-{name}", assignment, buggy)
-    progress(f"{assignment}: grading {2 + len(bugs)} case(s) with {workers} worker(s)")
+    attackers = attacks.make_attack_students(course, assignment, out, "solution") if bugs else {}
+    cases = 2 + len(bugs) + len(attackers)
+    progress(f"{assignment}: grading {cases} case(s) with {workers} worker(s)")
     refusal = sandbox_refusal(course)
     if refusal:  # the instructor's own notebooks: verify anyway, and say so
         progress(f"warning: {refusal}\nverifying WITHOUT a sandbox (your own notebooks only)")

@@ -1,0 +1,180 @@
+"""What a student who read the grader's source might try: attack students for verify and tests.
+
+Each attack is the source of a cell put right after the setup of a BLANK notebook (no
+implementation, no artifacts). Whatever it does, that student must score 0 on every autograded
+cell, no other student may be affected, the grader's files and gradebook must stay as they were
+and the batch must complete. ``{victim}`` in a source is another student of the same class,
+``{port}`` a TCP port on the grader's localhost (0 when nobody listens).
+
+``python -m autograder verify`` grades one student per attack beside the solution, the blank and
+the bug zoo; ``tests/test_attacks.py`` does the same with a listener on the port and checks the
+files, the gradebook and the victim.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from nbformat.notebooknode import NotebookNode
+
+from autograder.pipeline.classroom import (
+    _first_solution_index,
+    _new_code_cell,
+    notebooks_of,
+    write_submission,
+)
+from autograder.pipeline.coursedir import Course
+
+__all__ = ["ATTACKS", "make_attack_students", "with_attack"]
+
+_HELPERS = """
+import os, pathlib, socket, sys
+import autograder
+ROOT = pathlib.Path(autograder.__file__).resolve().parents[1]
+def attempt(what, action):
+    try:
+        print(what, "->", repr(action())[:200])
+    except BaseException as err:  # noqa: BLE001
+        print(what, "-> refused:", type(err).__name__, str(err)[:120])
+"""
+
+_REWRITE = """
+here = pathlib.Path.cwd()  # <course>/autograded/<student>/<assignment>
+for path in [*ROOT.joinpath("autograder").rglob("*.py"), ROOT / "nbgrader_config.py"]:
+    attempt(f"append to {path}", lambda p=path: p.open("a").write("# owned\\n"))
+for book in (ROOT / ".nbgrader" / "gradebook.db", here.parents[2] / ".nbgrader" / "gradebook.db"):
+    attempt(f"open {book} for writing", lambda b=book: open(b, "r+b").close())
+attempt("new check", lambda: (ROOT / "autograder" / "checks" / "owned.py").write_text("x = 1"))
+attempt("course config", lambda: (here.parents[2] / "nbgrader_config.py").open("a").close())
+"""
+
+_OTHERS = """
+here = pathlib.Path.cwd()
+for target in (here.parents[1] / "{victim}", here.parents[2] / "submitted" / "{victim}"):
+    for path in target.rglob("*"):
+        attempt(f"overwrite {path}", lambda p=path: p.write_bytes(b"owned"))
+    attempt(f"list {target}", lambda t=target: os.listdir(t))
+"""
+
+_READ = """
+for path in ROOT.joinpath("solutions").rglob("*.ipynb"):
+    attempt(f"read {path}", lambda p=path: p.read_text())
+attempt("reference", lambda: __import__("autograder.reference.prompt", fromlist=["x"]).SoftPrompt)
+"""
+
+_NETWORK = """
+attempt("tcp", lambda: socket.create_connection(("127.0.0.1", {port}), timeout=3))
+attempt("dns", lambda: socket.getaddrinfo("pypi.org", 443))
+attempt("internet", lambda: socket.create_connection(("1.1.1.1", 53), timeout=3))
+"""
+
+_FORK_BOMB = """
+import os, time
+children = 0
+try:
+    while children < 100_000:
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+        children += 1
+except OSError as err:
+    print("stopped after", children, "children:", err)
+"""
+
+_HOGS = """
+chunks = []
+try:
+    while len(chunks) < 10_000:
+        chunks.append(bytearray(256 << 20))
+except MemoryError:
+    print("memory stopped at", len(chunks) * 256, "MiB")
+del chunks
+try:
+    with open("hog.bin", "wb") as f:
+        for _ in range(100_000):
+            f.write(b"x" * (1 << 20))
+except OSError as err:
+    print("disk stopped:", err)
+"""
+
+_TAMPER = """
+import sys
+from IPython.display import display
+from autograder import selfcheck
+selfcheck.run = lambda *a, **k: print("✓ all good")
+selfcheck.hidden = lambda *a, **k: print("✓ all good")
+selfcheck.check_answer = lambda *a, **k: True
+get_ipython().events.register("post_run_cell", lambda result: display("ok"))
+get_ipython().set_custom_exc((BaseException,), lambda *a, **k: None)
+sys.excepthook = lambda *a: None
+"""
+
+_FORGE = """
+from autograder.checks import NOTEBOOK_CHECKS, protocol
+channel = pathlib.Path(os.environ.get(protocol.CHANNEL_ENV, "/nonexistent"))
+for n, name in enumerate(NOTEBOOK_CHECKS):
+    attempt(f"forge {name}", lambda n=n, name=name: protocol.write(
+        channel / f"{os.getpid()}-9{n:03d}-{name}.safetensors", {"models": [], "question": "x"}))
+    attempt(f"symlink {name}", lambda n=n, name=name: os.symlink(
+        "/etc/passwd", channel / f"{os.getpid()}-8{n:03d}-{name}.safetensors"))
+_real = protocol.capture
+protocol.capture = lambda name, objects, channel: _real(name, (), channel)
+"""
+
+_KILL = """
+import os, signal
+for pid in range(2, 400):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+try:
+    os.kill(-1, signal.SIGKILL)
+except OSError:
+    pass
+"""
+
+_MARKERS = """notes = '''
+### BEGIN HIDDEN TESTS
+assert False
+'''
+print(notes)"""
+
+ATTACKS: dict[str, str] = {
+    "rewrite-grader-files": _HELPERS + _REWRITE,
+    "other-students": _HELPERS + _OTHERS,
+    "read-solutions": _HELPERS + _READ,
+    "network": _HELPERS + _NETWORK,
+    "fork-bomb": _FORK_BOMB,
+    "memory-and-disk-hog": _HOGS,
+    "huge-output": "print('x' * 50_000_000)",
+    "verdict-tampering": _TAMPER,
+    "forged-observations": _HELPERS + _FORGE,
+    "kill-everything": _KILL,
+    "hidden-test-markers": _MARKERS,
+}
+"""Attack cells by name (see the module docstring)."""
+
+
+def with_attack(nb: NotebookNode, source: str, label: str) -> NotebookNode:
+    """``nb`` with a cell running ``source`` inserted right after its setup cells."""
+    nb = copy.deepcopy(nb)
+    nb.cells.insert(_first_solution_index(nb), _new_code_cell(source, f"attack-{label}"))
+    return nb
+
+
+def make_attack_students(
+    course: Course, assignment: str, out: Path, victim: str, port: int = 0
+) -> dict[str, str]:
+    """One BLANK student per attack (``attack-<name>``), without artifacts; returns
+    ``{student: attack}``."""
+    pairs = notebooks_of(course, assignment)
+    students = {}
+    for name, source in ATTACKS.items():
+        code = source.replace("{victim}", victim).replace("{port}", str(port))
+        notebooks = {n: with_attack(released, code, name) for n, (released, _) in pairs.items()}
+        student = f"attack-{name}"
+        write_submission(course, out, student, assignment, notebooks, artifacts=False)
+        students[student] = name
+    return students
