@@ -233,7 +233,7 @@ def _check_feedback(course: Course, staged: Staged) -> list[Issue]:
         if leaked:
             html.unlink()
             detail = f"feedback withheld: it quoted hidden test line {leaked[0]!r}"
-            issues.append(Issue("error", name, detail))
+            issues.append(Issue("feedback", name, detail))
     return issues
 
 
@@ -327,7 +327,8 @@ def grade(
                 issues.append(Issue("error", "*", detail))
                 shutil.rmtree(course.feedback / s.student / s.assignment, ignore_errors=True)
             if outcome.feedback_error:
-                issues.append(Issue("error", "*", f"no feedback: {outcome.feedback_error}"))
+                # the score is recorded: feedback trouble is reported, never as "not graded"
+                issues.append(Issue("feedback", "*", f"no feedback: {outcome.feedback_error}"))
             verdict = "graded" if outcome.success else "FAILED"
             progress(f"{s.student}/{s.assignment}: {verdict} in {outcome.seconds:.1f} s")
     out: list[NotebookResult] = []

@@ -46,7 +46,8 @@ class Issue:
 
     kind: str
     """``missing``, ``malformed``, ``metadata``, ``duplicate``, ``deleted``, ``crash``, ``hang``,
-    ``timeout``, ``tampering``, ``backbone``, ``error``, ``extra`` or ``code``."""
+    ``timeout``, ``tampering``, ``backbone``, ``unsafe``, ``feedback`` (the score is recorded, the
+    feedback file is not), ``error`` (grading itself failed), ``extra`` or ``code``."""
     notebook: str
     detail: str
 
