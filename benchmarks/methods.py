@@ -53,7 +53,7 @@ SETTINGS: dict[str, dict] = {
         "lr": {"prompt": 3e-2, "prefix": 3e-2, "prefix_reparam": 1e-3, "lora": 3e-3, "full": 1e-3},
     },
     "smollm2-135m": {
-        "steps": {"prompt": 300, "prefix": 300, "prefix_reparam": 200, "lora": 200, "full": 100},
+        "steps": {"prompt": 200, "prefix": 300, "prefix_reparam": 150, "lora": 150, "full": 100},
         "batch": 8,
         "n_eval": 48,
         "eval_every": 50,
