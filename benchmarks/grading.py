@@ -8,7 +8,9 @@ students, and grades the class through nbgrader once per ``--workers`` value, ea
 fresh gradebook. Prints per-notebook autograde times (one student, all notebooks = one
 "submission"), the wall time per class and the speed-up, the wall time for one student alone
 (what an instructor waits for a single submission, every notebook included, feedback made),
-and writes the table to ``benchmarks/RESULTS.md`` (section "grading") unless ``--no-write``.
+and the sandbox's cost: the same class graded by one worker with every kernel sandboxed (the
+default) and without (``unsafe``), alternating. Writes the tables to ``benchmarks/RESULTS.md``
+(section "grading") unless ``--no-write``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ LINE = re.compile(r"^(?P<student>[^/]+)/(?P<assignment>\S+): graded in (?P<s>[\d
 def _class(course: Course, assignments: list[str], students: int):
     """Scratch course and a submissions folder of ``students`` solved students."""
     scratch = _scratch(course, assignments, timeout=120)
+    config = scratch.root / "nbgrader_config.py"  # as `grade` runs: reference and keys hidden
+    config.write_text(config.read_text() + "\nc.GradedExecute.hide_answers = True\n")
     work = scratch.root.parent
     submissions = work / "submissions"
     for assignment in assignments:
@@ -57,6 +61,7 @@ def main() -> None:
     parser.add_argument("--students", type=int, default=4)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--assignment", nargs="*", default=None)
+    parser.add_argument("--rounds", type=int, default=2, help="sandbox on/off comparisons")
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
 
@@ -83,6 +88,15 @@ def main() -> None:
                 if found := LINE.match(line):
                     per_notebook[found["assignment"]].append(float(found["s"]))
         print(f"{workers} worker(s): {wall:.1f} s for {args.students} students", flush=True)
+    # The sandbox's cost: one worker, sandboxed and not, alternating (same class, same machine).
+    overhead: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(args.rounds):
+        for sandboxed in (True, False):
+            _fresh_gradebook(scratch)
+            start = time.perf_counter()
+            grade(scratch, submissions, assignments, workers=1, unsafe=not sandboxed)
+            overhead[sandboxed].append((time.perf_counter() - start) / args.students)
+            print(f"sandboxed={sandboxed}: {overhead[sandboxed][-1]:.1f} s per student", flush=True)
     # One student alone: the time an instructor waits for a single submission.
     alone = submissions.parent / "one-student"
     shutil.rmtree(alone, ignore_errors=True)
@@ -122,6 +136,17 @@ def main() -> None:
             f"| {workers} | {single[workers]:.1f} | {wall:.1f} | {wall / args.students:.1f} "
             f"| {base / wall:.2f}x |"
         )
+    on, off = statistics.median(overhead[True]), statistics.median(overhead[False])
+    out += [
+        "",
+        f"Sandbox cost, one worker, {args.rounds} alternating rounds (median per student):",
+        "",
+        "| kernels | per student (s) |",
+        "|---|---:|",
+        f"| sandboxed (the default) | {on:.1f} |",
+        f"| not sandboxed (`--unsafe`) | {off:.1f} |",
+        f"| overhead | {100 * (on - off) / off:+.1f}% |",
+    ]
     table = "\n".join(out)
     print(table)
     if not args.no_write:
