@@ -34,7 +34,7 @@ from nbgrader import preprocessors  # noqa: E402
 
 from autograder.pipeline.coursedir import ARTIFACT_PATTERNS  # noqa: E402
 from autograder.pipeline.feedback import HideHiddenTests  # noqa: E402
-from autograder.pipeline.outputs import LimitOutputBytes  # noqa: E402
+from autograder.pipeline.outputs import LimitOutputBytes, SanitizeStudentContent  # noqa: E402
 from autograder.pipeline.verdicts import GradedExecute  # noqa: E402
 
 c = get_config()  # noqa: F821  (provided by traitlets when it executes this file)
@@ -58,6 +58,7 @@ c.Autograde.autograde_preprocessors = [
     ClearMetadataPreprocessor,
     preprocessors.LimitOutput,
     LimitOutputBytes,
+    SanitizeStudentContent,  # no student script runs in the instructor's Formgrader session
     preprocessors.SaveAutoGrades,
     preprocessors.AssignLatePenalties,
     preprocessors.CheckCellMetadata,

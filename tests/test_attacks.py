@@ -110,7 +110,7 @@ def test_the_batch_completes_and_the_victims_are_untouched(attacked) -> None:
     assert _auto(results["blank"])[0] == 0
 
 
-@pytest.mark.parametrize("attack", sorted(attacks.ATTACKS))
+@pytest.mark.parametrize("attack", [*sorted(attacks.ATTACKS), "oracle", "deep-json"])
 def test_no_attack_scores(attacked, attack: str) -> None:
     _, _, results, _, _, _ = attacked
     result = results[f"attack-{attack}"]
@@ -146,3 +146,11 @@ def test_attack_outcomes_are_reported(attacked) -> None:
     )
     printed = "".join(o.get("text", "") for c in graded.cells for o in c.get("outputs", []))
     assert "BEGIN SOLUTION" not in printed and "refused" in printed
+    # a student's exception named like the grader's own errors reports nothing false
+    faker = results["attack-fake-grader-errors"]
+    assert "tampering" in faker.status and not faker.failed, faker.status
+    # symlinks and a forged timestamp are left out, and said so
+    linker = results["attack-copy-through-symlinks"].status
+    assert "left out of the submission" in linker and "a symlink" in linker, linker
+    assert "timestamp.txt" in linker
+    assert "malformed" in results["attack-deep-json"].status

@@ -14,8 +14,7 @@ import torch
 
 from autograder.checks import protocol, tour
 from autograder.checks.harness import variant
-
-GROUPS = tour.GROUP_KEYS
+from autograder.reference.tour import GROUP_KEYS as GROUPS  # noqa: E402
 
 
 # --- solutions (as in solutions/00_backbone_tour) ---------------------------------------------

@@ -57,8 +57,8 @@ def _notebook(freeze: str = GOOD, answer: str = '"b"', attack: str = "") -> nbfo
     return nb
 
 
-def _grade(nb: nbformat.NotebookNode, tmp_path) -> dict[str, tuple[float, list]]:
-    run = GradedExecute(timeout=60)
+def _grade(nb: nbformat.NotebookNode, tmp_path, **traits) -> dict[str, tuple[float, list]]:
+    run = GradedExecute(timeout=60, **traits)
     nb, _ = run.preprocess(nb, {"metadata": {"path": str(tmp_path)}})
     out = {}
     for cell in nb.cells:
@@ -146,6 +146,15 @@ def test_withheld_observations_are_reported_as_tampering(tmp_path) -> None:
         assert "review by hand" in errors[0].evalue
 
 
+def test_an_artifact_counts_only_with_the_code_that_makes_it(tmp_path) -> None:
+    """(Here the quiz stands in for a trained artifact, freeze_backbone for its code.)"""
+    gate = {"requires": {"check_answer": ["check_freeze_backbone"]}}
+    graded = _grade(_notebook(WRONG, '"b"'), tmp_path, **gate)
+    assert graded["test_q1"][0] == 0
+    assert "counts only once the code that makes it passes" in _text(graded["test_q1"][1])
+    assert _grade(_notebook(GOOD, '"b"'), tmp_path, **gate)["test_q1"][0] == 1
+
+
 def test_hooks_that_only_hide_errors_do_not_cost_a_correct_notebook(tmp_path) -> None:
     """Tampering with the display or the exception hooks changes nothing the grader uses."""
     attack = ATTACKS["display 'ok' after every cell"] + "\n" + ATTACKS["custom exception handler"]
@@ -217,3 +226,30 @@ def test_outputs_are_capped_by_bytes_as_nbgrader_runs_the_preprocessor() -> None
     nb, _ = LimitOutputBytes()(nb, {})  # nbconvert calls the instance: it must be enabled
     assert len(nb.cells[0].outputs[0].text) < 250_000
     assert "removed by the grader" in nb.cells[0].outputs[0].text
+
+
+def test_student_html_is_escaped_before_formgrader_renders_it() -> None:
+    from autograder.pipeline.outputs import SanitizeStudentContent
+
+    answer = nbformat.v4.new_markdown_cell("My answer <script>steal()</script> <b>bold</b>")
+    answer.metadata["nbgrader"] = {"grade": True, "solution": True, "locked": False}
+    rule = nbformat.v4.new_markdown_cell("Instructions <sub>kept</sub> <script>ours()</script>")
+    rule.metadata["nbgrader"] = {"grade": False, "solution": False, "locked": True}
+    code = nbformat.v4.new_code_cell("display(HTML(...))")
+    code.outputs = [
+        nbformat.v4.new_output(
+            "display_data",
+            data={
+                "text/html": "<img src=x onerror=steal()>",
+                "application/javascript": "steal()",
+                "text/plain": "<IPython.core.display.HTML object>",
+            },
+        )
+    ]
+    nb = nbformat.v4.new_notebook(cells=[answer, rule, code])
+    nb, _ = SanitizeStudentContent()(nb, {})
+    assert "<script>" not in nb.cells[0].source and "<b>bold</b>" in nb.cells[0].source
+    assert nb.cells[1].source == rule.source  # the grader's locked cell is untouched
+    data = nb.cells[2].outputs[0].data
+    assert "application/javascript" not in data
+    assert "<img" not in data["text/html"]

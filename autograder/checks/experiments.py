@@ -166,20 +166,11 @@ def _integer(label: str, what: str, value: object) -> int:
 def expected_counts(
     name: str, geometry: dict[str, int], length: int, hidden: int, total: int
 ) -> tuple[int | None, int | None]:
-    """``(n_trainable, n_stored)`` of method ``name`` on a backbone of ``total`` parameters whose
-    ``course.kv_geometry`` is ``geometry``; ``None`` where it depends on the adapters (LoRA)."""
-    g = geometry
-    d = g["hidden_size"]
-    kv = g["n_layers"] * 2 * g["n_kv_heads"] * g["head_dim"]  # one prefix position, all layers
-    if name == "prompt":
-        return length * d, length * d
-    if name == "prefix":
-        return length * kv, length * kv
-    if name == "prefix_reparam":
-        return length * d + d * hidden + hidden + hidden * kv + kv, length * kv
-    if name == "full":
-        return total, total
-    return None, None
+    """``(n_trainable, n_stored)`` of method ``name`` (judge side only: the rule lives in the
+    reference, hidden from grading kernels)."""
+    from autograder.reference.experiments import method_counts
+
+    return method_counts(name, geometry, length, hidden, total)
 
 
 # ---------------------------------------------------------------------------------------------

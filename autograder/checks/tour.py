@@ -57,15 +57,9 @@ __all__ = [
     "observe_predict_cache_shapes",
 ]
 
-GROUP_KEYS: dict[str, tuple[str, ...]] = {
-    "lm_head": ("lm_head",),
-    "embeddings": ("wte", "wpe", "embed"),
-    "norm": ("ln_", "norm"),
-    "attention": ("attn",),
-    "mlp": ("mlp",),
-}
-"""The grouping rule notebook 00 states: a parameter belongs to the FIRST group (in this order)
-one of whose substrings occurs in its name."""
+GROUP_KEYS: tuple[str, ...] = ("lm_head", "embeddings", "norm", "attention", "mlp")
+"""The groups of notebook 00, in order (the rule itself is in ``autograder.reference.tour``,
+hidden from grading kernels)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,13 +144,10 @@ def _is_gpt2(model: PreTrainedModel) -> bool:
 # count_parameters_by_group
 # ---------------------------------------------------------------------------------------------
 def expected_groups(model: torch.nn.Module) -> dict[str, int]:
-    """What ``count_parameters_by_group(model)`` must return."""
-    counts = dict.fromkeys([*GROUP_KEYS, "total"], 0)
-    for name, p in model.named_parameters():
-        group = next(g for g, keys in GROUP_KEYS.items() if any(k in name for k in keys))
-        counts[group] += p.numel()
-        counts["total"] += p.numel()
-    return counts
+    """What ``count_parameters_by_group(model)`` must return (judge side only)."""
+    from autograder.reference.tour import count_parameters_by_group
+
+    return count_parameters_by_group(model)
 
 
 def _half_frozen(model: torch.nn.Module) -> None:
@@ -531,12 +522,12 @@ def _cache_sizes() -> list[tuple[int, int]]:
 
 
 def _actual_cache_shapes(model: torch.nn.Module, batch: int, seq: int) -> list[tuple]:
+    """The cache shapes ``model`` really builds (judge side only)."""
+    from autograder.reference.tour import cache_shapes
+
     gen = torch.Generator().manual_seed(seeded(56))
     ids = torch.randint(1, model.config.vocab_size, (batch, seq), generator=gen)
-    with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True)
-    cache = getattr(out, "cache", None) or out.past_key_values
-    return [(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in cache.layers]
+    return cache_shapes(model, ids)
 
 
 def observe_predict_cache_shapes(predict_cache_shapes: Callable) -> dict:

@@ -135,6 +135,30 @@ except OSError:
     pass
 """
 
+_FAKE_ERRORS = """
+import autograder.selfcheck as s
+s.run = s.hidden = s.check_answer = lambda *a, **k: print("✓ passed")
+class KernelUnavailable(Exception):
+    pass
+raise KernelUnavailable("not run: the kernel could not be restored after an earlier crash or hang")
+"""
+
+_THROUGH_SYMLINKS = """
+import json, sqlite3
+try:
+    for c in json.load(open("notes.json"))["cells"]:
+        if c["cell_type"] == "code" and c["metadata"].get("nbgrader", {}).get("solution"):
+            exec("".join(c["source"]), globals())
+    print("copied the victim's code")
+except Exception as err:
+    print("no victim:", type(err).__name__, err)
+try:
+    db = sqlite3.connect("file:gradebook.txt?mode=ro", uri=True)
+    print(list(db.execute("select id from student")))
+except Exception as err:
+    print("no gradebook:", type(err).__name__, err)
+"""
+
 _MARKERS = """notes = '''
 ### BEGIN HIDDEN TESTS
 assert False
@@ -153,8 +177,38 @@ ATTACKS: dict[str, str] = {
     "forged-observations": _HELPERS + _FORGE,
     "kill-everything": _KILL,
     "hidden-test-markers": _MARKERS,
+    "fake-grader-errors": _FAKE_ERRORS,
+    "copy-through-symlinks": _THROUGH_SYMLINKS,
 }
 """Attack cells by name (see the module docstring)."""
+
+ORACLES: dict[str, str] = {
+    "count_parameters_by_group": (
+        "from autograder.checks.tour import expected_groups\n\n\n"
+        "def count_parameters_by_group(model):\n    return expected_groups(model)"
+    ),
+    "predict_cache_shapes": (
+        "from autograder.checks import tour\nfrom transformers import AutoModelForCausalLM\n\n\n"
+        "def predict_cache_shapes(config, batch, seq):\n"
+        "    model = AutoModelForCausalLM.from_config(config).eval()\n"
+        "    return tour._actual_cache_shapes(model, batch, seq)"
+    ),
+    "make_method": (
+        "from autograder.reference import make_method  # the reference, if the kernel can see it"
+    ),
+    "prefix_forward": "from autograder.reference import prefix_forward",
+    "SoftPrompt": "from autograder.reference import SoftPrompt",
+}
+"""Solution cells (by the name they define) replaced by calls into the grader's own code: the
+"oracle" student. The grading sandbox hides every module that computes a graded answer."""
+
+
+def _files(folder: Path, victim: str, assignment: str, course: Course) -> None:
+    """What the symlink attacks hand in beside the notebook."""
+    (folder / "notes.json").symlink_to(Path("..", "..", victim, assignment, f"{assignment}.ipynb"))
+    (folder / "gradebook.txt").symlink_to(course.state / "gradebook.db")
+    (folder / "loop").symlink_to("..")
+    (folder / "timestamp.txt").write_text("2000-01-01 00:00:00.000000 UTC")
 
 
 def with_attack(nb: NotebookNode, source: str, label: str) -> NotebookNode:
@@ -175,6 +229,30 @@ def make_attack_students(
         code = source.replace("{victim}", victim).replace("{port}", str(port))
         notebooks = {n: with_attack(released, code, name) for n, (released, _) in pairs.items()}
         student = f"attack-{name}"
-        write_submission(course, out, student, assignment, notebooks, artifacts=False)
+        folder = write_submission(course, out, student, assignment, notebooks, artifacts=False)
+        if name == "copy-through-symlinks":
+            _files(folder, victim, assignment, course)
         students[student] = name
+    oracle = {n: _with_oracles(released) for n, (released, _) in pairs.items()}
+    if any(o is not None for o in oracle.values()):
+        folder = write_submission(course, out, "attack-oracle", assignment, oracle, False)
+        students["attack-oracle"] = "oracle"
+    deep = {n: "[" * 200_000 for n in pairs}
+    write_submission(course, out, "attack-deep-json", assignment, deep, artifacts=False)
+    students["attack-deep-json"] = "deep-json"
     return students
+
+
+def _with_oracles(released: NotebookNode) -> NotebookNode | None:
+    """``released`` with every solution cell that defines a name of :data:`ORACLES` replaced by
+    the oracle; None when it defines none of them."""
+    nb = copy.deepcopy(released)
+    found = False
+    for cell in nb.cells:
+        if not cell.get("metadata", {}).get("nbgrader", {}).get("solution"):
+            continue
+        for name, source in ORACLES.items():
+            if f"def {name}(" in cell.source or f"class {name}" in cell.source:
+                cell.source = source
+                found = True
+    return nb if found else None

@@ -43,6 +43,25 @@ KERNEL_DIED = "KernelDied"
 KERNEL_UNRESPONSIVE = "KernelUnresponsive"
 KERNEL_UNAVAILABLE = "KernelUnavailable"
 KERNEL_ERRORS = (KERNEL_DIED, KERNEL_UNRESPONSIVE, KERNEL_UNAVAILABLE)
+TIMEOUT = "CellTimeoutError"
+EVENTS_KEY = "autograder"
+"""Notebook metadata key where the grader records what it did to which cell."""
+
+
+def grader_events(nb: NotebookNode) -> list[dict[str, Any]]:
+    """The grader's events of an executed notebook: ``{"cell", "ename", "evalue"}`` each.
+
+    Error outputs alone cannot say who made them (a student's cell can raise an exception
+    class named ``KernelDied``); these events are written by the grader only."""
+    events = nb.metadata.get(EVENTS_KEY, {}).get("events", [])
+    ok = isinstance(events, list) and all(
+        isinstance(e, dict)
+        and isinstance(e.get("cell"), int)
+        and isinstance(e.get("ename"), str)
+        and isinstance(e.get("evalue"), str)
+        for e in events
+    )
+    return list(events) if ok else []
 
 
 def error_output(ename: str, evalue: str) -> NotebookNode:
@@ -141,42 +160,60 @@ class ResilientExecute(Execute):
         self._restarts = 0
         self._kernel_lost = False
         self._timed_out = False
-        return super().preprocess(nb, resources, km)
+        self._events: list[dict[str, Any]] = []
+        nb.metadata.pop(EVENTS_KEY, None)  # only the grader writes there (a student's is dropped)
+        try:
+            return super().preprocess(nb, resources, km)
+        finally:
+            self.write_events(nb)
+
+    def grader_error(self, cell: NotebookNode, index: int, ename: str, evalue: str) -> None:
+        """Give ``cell`` an error output made by the grader, and record it as a grader event:
+        the report trusts the events, never an error's name (a student can raise anything)."""
+        cell.outputs.append(error_output(ename, evalue))
+        self._events.append({"cell": index, "ename": ename, "evalue": evalue})
+
+    def write_events(self, nb: NotebookNode) -> None:
+        """Store the grader's events in the notebook's metadata (see :func:`grader_events`)."""
+        nb.metadata[EVENTS_KEY] = {"events": list(getattr(self, "_events", []))}
 
     def preprocess_cell(self, cell: NotebookNode, resources: Any, index: int) -> tuple[Any, Any]:
         """Execute one cell; on a dead or stuck kernel, record it here and recover."""
         if cell.cell_type != "code" or not cell.source.strip():
             return super().preprocess_cell(cell, resources, index)
         if self._kernel_lost:
-            cell.outputs = [
-                error_output(
-                    KERNEL_UNAVAILABLE,
-                    "not run: the kernel could not be restored after an earlier crash or hang",
-                )
-            ]
+            cell.outputs = []
+            self.grader_error(
+                cell,
+                index,
+                KERNEL_UNAVAILABLE,
+                "not run: the kernel could not be restored after an earlier crash or hang",
+            )
             return cell, resources
         self._timed_out = False
         try:
             cell, resources = super().preprocess_cell(cell, resources, index)
         except DeadKernelError:
-            cell.outputs.append(
-                error_output(
-                    KERNEL_DIED,
-                    "the kernel died while running this cell (os._exit, a signal or out of "
-                    "memory); it was restarted and the earlier cells were run again",
-                )
+            self.grader_error(
+                cell,
+                index,
+                KERNEL_DIED,
+                "the kernel died while running this cell (os._exit, a signal or out of "
+                "memory); it was restarted and the earlier cells were run again",
             )
             self._recover()
             return cell, resources
         if self._timed_out:
             if run_sync(self._async_responds)():
+                limit = f"stopped at the time limit ({self.timeout} s)"
+                self._events.append({"cell": index, "ename": TIMEOUT, "evalue": limit})
                 return cell, resources
-            cell.outputs.append(
-                error_output(
-                    KERNEL_UNRESPONSIVE,
-                    f"this cell ran past {self.timeout} s and ignored the interrupt; the kernel "
-                    "was restarted and the earlier cells were run again",
-                )
+            self.grader_error(
+                cell,
+                index,
+                KERNEL_UNRESPONSIVE,
+                f"this cell ran past {self.timeout} s and ignored the interrupt; the kernel "
+                "was restarted and the earlier cells were run again",
             )
             self._recover()
             return cell, resources

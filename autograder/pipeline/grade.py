@@ -26,14 +26,17 @@ import nbformat
 
 from autograder.pipeline import warm
 from autograder.pipeline.coursedir import Course, CourseError, output_to, prepare_environment
-from autograder.pipeline.execute import KERNEL_DIED, KERNEL_UNAVAILABLE, KERNEL_UNRESPONSIVE
+from autograder.pipeline.execute import (
+    KERNEL_DIED,
+    KERNEL_UNAVAILABLE,
+    KERNEL_UNRESPONSIVE,
+    TIMEOUT,
+    grader_events,
+)
 from autograder.pipeline.feedback import hidden_lines, leaked_hidden_lines
 from autograder.pipeline.report import NotebookResult, read_scores
 from autograder.pipeline.submissions import Issue, Staged, cell_label, stage
 from autograder.pipeline.verdicts import GRADER_ERROR, TAMPERING
-
-TIMEOUT_ERROR = "CellTimeoutError"
-"""The ``ename`` nbgrader records for a cell interrupted at the time limit."""
 
 
 @dataclass(frozen=True)
@@ -105,36 +108,35 @@ def _run_job(job: Job) -> JobResult:
 
 
 def execution_issues(notebook: Path, name: str) -> list[Issue]:
-    """Crashes, hangs and timeouts recorded in an autograded notebook."""
+    """Crashes, hangs, timeouts, tampering and grader errors in an autograded notebook.
+
+    Read from the events the grader recorded (:func:`~autograder.pipeline.execute.grader_events`),
+    never from the names of error outputs, which a student's code can choose."""
     issues = []
     nb = nbformat.read(notebook, as_version=4)
-    for index, cell in enumerate(nb.cells):
-        for output in cell.get("outputs", []):
-            if output.get("output_type") != "error":
-                continue
-            where = cell_label(cell, index)
-            if output.ename == TAMPERING:
-                detail = f"{where}: {output.evalue}"
-                issues.append(Issue("tampering", name, detail))
-            elif output.ename == GRADER_ERROR:
-                issues.append(Issue("error", name, f"{where}: {output.evalue}"))
-            elif output.ename == KERNEL_DIED:
-                detail = f"the kernel died in {where}; restarted, the other cells were graded"
-                issues.append(Issue("crash", name, detail))
-            elif output.ename == KERNEL_UNRESPONSIVE:
-                detail = (
-                    f"{where} ran past the time limit and ignored the interrupt; kernel "
-                    "restarted, the other cells were graded"
-                )
-                issues.append(Issue("hang", name, detail))
-            elif output.ename == KERNEL_UNAVAILABLE:
-                detail = f"{where} and the cells after it were not run: the kernel was lost"
-                issues.append(Issue("error", name, detail))
-                return issues
-            elif output.ename == TIMEOUT_ERROR and not any(
-                o.get("ename") == KERNEL_UNRESPONSIVE for o in cell.outputs
-            ):
-                issues.append(Issue("timeout", name, f"{where} was stopped at the time limit"))
+    for event in grader_events(nb):
+        index, ename, evalue = event["cell"], event["ename"], event["evalue"]
+        cell = nb.cells[index] if 0 <= index < len(nb.cells) else None
+        where = cell_label(cell, index) if cell is not None else f"cell {index}"
+        if ename == TAMPERING:
+            issues.append(Issue("tampering", name, f"{where}: {evalue}"))
+        elif ename == GRADER_ERROR:
+            issues.append(Issue("error", name, f"{where}: {evalue}"))
+        elif ename == KERNEL_DIED:
+            detail = f"the kernel died in {where}; restarted, the other cells were graded"
+            issues.append(Issue("crash", name, detail))
+        elif ename == KERNEL_UNRESPONSIVE:
+            detail = (
+                f"{where} ran past the time limit and ignored the interrupt; kernel "
+                "restarted, the other cells were graded"
+            )
+            issues.append(Issue("hang", name, detail))
+        elif ename == KERNEL_UNAVAILABLE:
+            detail = f"{where} and the cells after it were not run: the kernel was lost"
+            issues.append(Issue("error", name, detail))
+            return issues
+        elif ename == TIMEOUT:
+            issues.append(Issue("timeout", name, f"{where} was stopped at the time limit"))
     return issues
 
 
@@ -182,6 +184,22 @@ def find_submissions(
             folder = submissions / student / assignment
             jobs.append((student, assignment, folder if folder.is_dir() else None))
     return jobs, warnings
+
+
+def _stage_safely(
+    course: Course, release: Path, folder: Path | None, student: str, assignment: str
+) -> Staged:
+    """:func:`stage`, except that a submission it cannot handle costs its student, nobody else:
+    it is recorded as handed in but unreadable (0, with the reason)."""
+    try:
+        return stage(course, release, folder, student, assignment)
+    except Exception as err:  # noqa: BLE001 - anything a student's folder can provoke
+        names = sorted(p.stem for p in course.source_notebooks(assignment))
+        staged = Staged(student, assignment, names)
+        detail = f"the submission could not be read ({type(err).__name__}: {str(err)[:200]})"
+        staged.issues += [Issue("malformed", name, detail) for name in names]
+        shutil.rmtree(course.submitted / student / assignment, ignore_errors=True)
+        return staged
 
 
 def sync_gradebook(course: Course, assignments: Sequence[str]) -> None:
@@ -286,7 +304,8 @@ def grade(
     sync_gradebook(course, sorted({assignment for _, assignment, _ in found}))
     release = course.state / "release"
     staged = [
-        stage(course, release, folder, student, assignment) for student, assignment, folder in found
+        _stage_safely(course, release, folder, student, assignment)
+        for student, assignment, folder in found
     ]
     # Parallel autograders of one student's assignments would each insert the student into the
     # gradebook and all but one fail (UNIQUE constraint failed: student.id): add them first.

@@ -12,10 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from nbconvert.preprocessors import Preprocessor
+from nbconvert.preprocessors.sanitize import SanitizeHTML
 from nbformat.notebooknode import NotebookNode
 from traitlets import Bool, Integer
 
-__all__ = ["LimitOutputBytes"]
+__all__ = ["LimitOutputBytes", "SanitizeStudentContent"]
 
 NOTE = "\n[... {n} more bytes of output removed by the grader]\n"
 
@@ -103,3 +104,24 @@ class LimitOutputBytes(Preprocessor):
             budget = max(0, budget - used)
             self._left = max(0, self._left - used)
         return cell, resources
+
+
+class SanitizeStudentContent(SanitizeHTML):
+    """Escape the HTML a student controls before anyone's browser renders it.
+
+    Formgrader shows the autograded notebook to the instructor, in the instructor's session:
+    a ``<script>`` in a student's markdown answer, or a ``display(HTML(...))`` / JavaScript
+    output of a student's cell, would run there (and could call Formgrader's API to change
+    grades). Student markdown and raw cells are sanitised with bleach; every code cell's rich
+    outputs keep only safe types (text, PNG/JPEG, JSON), HTML escaped, scripts and widget views
+    dropped. The grader's own locked cells are left alone (nbgrader checks their checksums)."""
+
+    enabled = Bool(True, help="nbconvert runs a preprocessor only when enabled").tag(config=True)
+
+    def preprocess_cell(
+        self, cell: NotebookNode, resources: Any, index: int
+    ) -> tuple[NotebookNode, Any]:
+        locked = cell.get("metadata", {}).get("nbgrader", {}).get("locked", False)
+        if cell.cell_type in ("markdown", "raw") and locked:
+            return cell, resources
+        return super().preprocess_cell(cell, resources, index)

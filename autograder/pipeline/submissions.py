@@ -16,7 +16,14 @@ repaired so the rest of it is still graded:
 - importable code handed in beside the notebooks (``autograder/``, ``course/``, any ``*.py``,
   compiled module or package): removed before grading. The kernel runs in the submission
   folder, which comes first on ``sys.path``, so a folder called ``autograder`` would otherwise
-  replace the grader's own checks.
+  replace the grader's own checks;
+- anything but plain files and folders (symlinks, which the copy would follow into another
+  student's folder or the gradebook, devices, pipes, sockets), nbgrader's ``timestamp.txt``
+  (a student's own would set the submission time), and files beyond :data:`MAX_FILE_BYTES`,
+  :data:`MAX_TOTAL_BYTES` or :data:`MAX_FILES`: left out, and reported.
+
+:func:`stage` never raises for what a student handed in: one student's broken folder is that
+student's problem (``malformed``), never the class's.
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import shutil
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,12 +91,68 @@ def cell_label(cell: NotebookNode, index: int) -> str:
     return f"cell {index} ({first[:40]!r})"
 
 
+MAX_FILE_BYTES = 256 << 20
+"""Largest file of a submission that is graded (a trained prefix is a few MB)."""
+MAX_TOTAL_BYTES = 1 << 30
+"""Most bytes of one student's assignment folder that are copied in."""
+MAX_FILES = 2000
+"""Most files of one student's assignment folder that are copied in."""
+MAX_NOTEBOOK_BYTES = 64 << 20
+"""Largest notebook file that is read."""
+
+
+def copy_submission(source: Path, dest: Path) -> list[str]:
+    """Copy the plain files and folders of ``source`` to ``dest`` (made here); return what was
+    left out and why. Nothing is followed: a symlink is never a way into another folder."""
+    skipped: list[str] = []
+    total = count = 0
+    dest.mkdir(parents=True)
+    for root, dirs, files in os.walk(source, followlinks=False):
+        here = Path(root)
+        rel = here.relative_to(source)
+        for name in sorted(dirs):
+            path = here / name
+            if name == ".ipynb_checkpoints" or path.is_symlink():
+                if path.is_symlink():
+                    skipped.append(f"{rel / name} (a symlink)")
+                dirs.remove(name)
+                continue
+            (dest / rel / name).mkdir()
+        for name in sorted(files):
+            path, shown = here / name, rel / name
+            try:
+                info = os.lstat(path)
+            except OSError as err:
+                skipped.append(f"{shown} ({err.strerror})")
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                kind = "a symlink" if stat.S_ISLNK(info.st_mode) else "not a plain file"
+                skipped.append(f"{shown} ({kind})")
+            elif rel == Path(".") and name == "timestamp.txt":
+                skipped.append(f"{shown} (the grader records the submission time itself)")
+            elif info.st_size > MAX_FILE_BYTES:
+                skipped.append(f"{shown} ({info.st_size >> 20} MB, more than the limit)")
+            elif total + info.st_size > MAX_TOTAL_BYTES or count >= MAX_FILES:
+                skipped.append(f"{shown} (the folder is over its size or file limit)")
+            else:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                with os.fdopen(fd, "rb") as src, open(dest / shown, "wb") as out:
+                    shutil.copyfileobj(src, out)
+                total += info.st_size
+                count += 1
+    return skipped
+
+
 def read_notebook(path: Path) -> tuple[NotebookNode | None, str]:
     """The notebook at ``path``, or None and the reason it cannot be graded."""
+    if path.stat().st_size > MAX_NOTEBOOK_BYTES:
+        return None, f"larger than {MAX_NOTEBOOK_BYTES >> 20} MB"
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         return None, f"not valid JSON ({err})"
+    except (RecursionError, MemoryError, ValueError) as err:
+        return None, f"not a notebook JSON can hold ({type(err).__name__})"
     if not isinstance(raw, dict) or not isinstance(raw.get("cells"), list):
         return None, "JSON but not a notebook (no 'cells' list)"
     try:
@@ -214,7 +279,11 @@ def stage(
         for name in staged.notebooks:
             staged.issues.append(Issue("missing", name, f"no {assignment}/ folder handed in"))
         return staged
-    shutil.copytree(source_dir, dest, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    skipped = copy_submission(source_dir, dest)
+    if skipped:
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        shown = ", ".join(skipped[:5]) + more
+        staged.issues.append(Issue("code", "*", f"left out of the submission: {shown}"))
     removed = strip_code(dest)
     if removed:
         detail = f"removed code handed in beside the notebooks: {', '.join(removed)}"

@@ -55,6 +55,8 @@ TAMPERING = "Tampering"
 GRADER_ERROR = "GraderError"
 """``ename`` of a verdict the grader could not reach (a bug of the grader, not the student)."""
 _RECORDED = "recorded for the grader:"
+MAX_OBSERVATIONS_PER_CELL = 64
+"""Observations taken from one cell (a test cell makes one to three)."""
 _KEEP_STDOUT = 20_000
 """Characters of a graded cell's own stdout kept above its verdicts."""
 
@@ -205,6 +207,26 @@ class GradedExecute(ResilientExecute):
         "builds on the reference prompt and prefix of 01 and 02, never on make_method's.",
     ).tag(config=True)
 
+    requires = Dict(
+        value_trait=List(Unicode()),
+        default_value={
+            "check_prompt_artifact": [
+                "check_soft_prompt",
+                "check_prepend_prompt",
+                "check_save_load_prompt",
+            ],
+            "check_prefix_artifact": ["check_prefix_encoder", "check_prefix_forward"],
+            "check_sweep_artifact": [
+                "check_method_parameters",
+                "check_method_functions",
+                "check_run_sweep",
+            ],
+        },
+        help="A check whose points also need these checks passed earlier in the same notebook: "
+        "a trained artifact or a saved study counts only with code that can have produced it "
+        "(the grader cannot tell a file someone else made from one the student's code made).",
+    ).tag(config=True)
+
     def hidden_for(self, assignment: str) -> list[str]:
         """What a sandboxed kernel grading ``assignment`` sees empty."""
         from autograder.pipeline.sandbox import DEFAULT_HIDDEN, PACKAGE_ROOT
@@ -234,6 +256,7 @@ class GradedExecute(ResilientExecute):
         self._seed = secrets.randbelow(2**62) + 1
         self._cells: dict[int, _Cell] = {}
         self._kept = 0
+        self._passed: dict[str, bool] = {}
         self._backbone, notes = (None, [])
         path = (resources or {}).get("metadata", {}).get("path")
         if path:
@@ -247,6 +270,7 @@ class GradedExecute(ResilientExecute):
             nb, resources = super().preprocess(nb, resources, km)
             for index, cell in enumerate(nb.cells):
                 self._judge_cell(cell, index)
+            self.write_events(nb)
         finally:
             shutil.rmtree(self._channel, ignore_errors=True)
             shutil.rmtree(self._store, ignore_errors=True)
@@ -275,10 +299,7 @@ class GradedExecute(ResilientExecute):
 
     def _collect(self, cell: NotebookNode, index: int) -> None:
         record = self._cells.setdefault(index, _Cell())
-        lost = any(
-            o.get("output_type") == "error" and o.get("ename") in KERNEL_ERRORS
-            for o in cell.get("outputs", [])
-        )
+        lost = any(e["cell"] == index and e["ename"] in KERNEL_ERRORS for e in self._events)
         record.kernel_lost = record.kernel_lost or lost
         if _identity(self._channel) != self._channel_id:  # replaced (only possible unsandboxed)
             self.log.error("the observation channel %s was replaced", self._channel)
@@ -287,21 +308,23 @@ class GradedExecute(ResilientExecute):
             names = sorted(os.listdir(self._channel))
         except OSError:
             return
+        taken = 0
         for name in names:
             source = self._channel / name
             if name.startswith(".") or not name.endswith(".safetensors"):
-                continue  # a write in progress, or not ours: never read, never deleted
+                continue  # a write in progress, or not an observation
+            if taken >= MAX_OBSERVATIONS_PER_CELL:
+                self.log.warning("cell %d: more than %d observations", index, taken)
+                break
             kept = self._store / f"{index:04d}-{self._kept:05d}.safetensors"
             self._kept += 1
-            try:
-                if not stat.S_ISREG(os.lstat(source).st_mode):
-                    continue
-                os.rename(source, kept)
-            except OSError:
+            if not _copy_regular(source, kept):
                 continue
+            taken += 1
             if not lost:
                 check = name.removesuffix(".safetensors").split("-", 2)[-1]
                 record.observations.setdefault(check, []).append(kept)
+        _empty(self._channel)  # whatever the kernel left there: read once, never again
 
     # -------------------------------------------------------------------------- judging
 
@@ -320,28 +343,42 @@ class GradedExecute(ResilientExecute):
         failures: list[NotebookNode] = []
         for item in expected:
             verdict = self._verdict(item, record, kernel_error)
+            needed = [n for n in self.requires.get(item.name, []) if not self._passed.get(n)]
+            if isinstance(verdict, str) and needed:
+                verdict = (
+                    error_output(
+                        "AssertionError",
+                        f"{item.label} counts only once the code that makes it passes its own "
+                        f"checks in this notebook; still failing: {', '.join(needed)}",
+                    ),
+                    False,
+                )
+            self._passed[item.name] = self._passed.get(item.name, True) and isinstance(verdict, str)
             if isinstance(verdict, str):
                 passed.append(verdict)
-            else:
-                failures.append(verdict)
-        cell.outputs = [*self._own_stdout(cell), *_stdout_lines(passed), *failures[:1]]
-        for extra in failures[1:]:
-            cell.outputs.append(extra)
+                continue
+            output, by_grader = verdict
+            failures.append(output)
+            if by_grader:
+                self._events.append({"cell": index, "ename": output.ename, "evalue": output.evalue})
+        cell.outputs = [*self._own_stdout(cell), *_stdout_lines(passed), *failures]
 
     def _verdict(
         self, item: Expected, record: _Cell, kernel_error: NotebookNode | None
-    ) -> str | NotebookNode:
-        """``"✓ ..."`` for a pass, else the error output to show."""
+    ) -> str | tuple[NotebookNode, bool]:
+        """``"✓ ..."`` for a pass, else the error output to show and whether the grader made it
+        (a tampering or grader-error verdict) rather than passing on the kernel's error."""
         params = dict(item.params)
         paths = record.observations.get(item.name, [])
         if item.name == "check_answer":
             paths = [p for p in paths if _answers_question(p, params["question"])] or paths[:0]
         if not paths:
             if kernel_error is not None:
-                return error_output(kernel_error.get("ename", "Error"), _evalue(kernel_error))
+                ename = str(kernel_error.get("ename", "Error"))
+                return error_output(ename, _evalue(kernel_error)), False
             if record.kernel_lost:
-                return error_output("KernelDied", "the kernel was lost while this cell ran")
-            return error_output(
+                return error_output("KernelDied", "the kernel was lost while this cell ran"), False
+            return _ours(
                 TAMPERING,
                 f"tampering suspected: the cell ran without an error but no observation for "
                 f"{item.label} reached the grader (was a check function or selfcheck replaced?)"
@@ -350,15 +387,13 @@ class GradedExecute(ResilientExecute):
         try:
             protocol.judge_file(item.name, paths[0], self._seed, params)
         except protocol.MalformedObservation as err:
-            return error_output(
-                TAMPERING, f"tampering suspected: {item.label}: {err} — review by hand"
-            )
+            return _ours(TAMPERING, f"tampering suspected: {item.label}: {err} — review by hand")
         except AssertionError as err:
-            return error_output("AssertionError", str(err))
+            return error_output("AssertionError", str(err)), False
         except Exception as err:  # noqa: BLE001 - a grader bug must not look like a pass
             self.log.error("judging %s failed", item.label, exc_info=True)
             detail = f"the grader could not judge {item.label}: {type(err).__name__}: {err}"
-            return error_output(GRADER_ERROR, detail)
+            return _ours(GRADER_ERROR, detail)
         return _pass_line(item)
 
     def _own_stdout(self, cell: NotebookNode) -> list[NotebookNode]:
@@ -372,6 +407,12 @@ class GradedExecute(ResilientExecute):
         if len(text) > self.stdout_limit:
             text = text[: self.stdout_limit] + "\n[... output truncated by the grader]\n"
         return [_stream(text)] if text.strip() else []
+
+
+def _ours(ename: str, evalue: str) -> tuple[NotebookNode, bool]:
+    """An error output the grader made, marked so that ``_judge_cell`` records it as a grader
+    event (an error passed on from the kernel is not one)."""
+    return error_output(ename, evalue), True
 
 
 def _answers_question(path: Path, question: str) -> bool:
@@ -402,6 +443,41 @@ def _stream(text: str) -> NotebookNode:
 
 def _stdout_lines(lines: list[str]) -> list[NotebookNode]:
     return [_stream("".join(f"{line}\n" for line in lines))] if lines else []
+
+
+def _copy_regular(source: Path, target: Path) -> bool:
+    """Copy ``source`` to the grader's own ``target`` if it is a regular file no larger than an
+    observation may be, never following a symlink. A copy, not a rename: a kernel that kept the
+    file open could otherwise still rewrite what the grader will read."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as src:
+        info = os.fstat(src.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > protocol.MAX_BYTES:
+            return False
+        data = src.read(protocol.MAX_BYTES + 1)
+    if len(data) > protocol.MAX_BYTES:
+        return False
+    target.write_bytes(data)
+    return True
+
+
+def _empty(folder: Path) -> None:
+    """Remove everything inside ``folder`` (never following a symlink out of it)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            pass
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:

@@ -127,6 +127,15 @@ def cells_calling(sources: Mapping[str, str], checks: Sequence[str]) -> set[str]
     return {gid for gid, source in sources.items() if any(w.search(source) for w in words)}
 
 
+def gated_by(course: Course, failing: Sequence[str]) -> list[str]:
+    """Checks whose points also need one of ``failing`` to pass (``GradedExecute.requires``): a
+    trained artifact counts only with the code that makes it."""
+    from autograder.pipeline.verdicts import GradedExecute
+
+    requires = course.config().GradedExecute.get("requires") or GradedExecute().requires
+    return [check for check, needs in requires.items() if set(needs) & set(failing)]
+
+
 def _cells_text(cells: set[str]) -> str:
     return ", ".join(sorted(cells)) or "-"
 
@@ -200,6 +209,7 @@ def _check(
         bug = bugs[result.student.removeprefix("bug-")]
         sources = test_cell_sources(course, assignment, result.notebook)
         names = (*bug.caught_by, *getattr(bug, "also_fails", ()), *getattr(bug, "downstream", ()))
+        names += tuple(gated_by(course, names))
         expected = cells_calling(sources, names)
         broken = solution_lost.get(result.notebook, set())
         lost = _lost(result) - broken

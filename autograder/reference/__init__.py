@@ -11,7 +11,8 @@ did with these, and the benchmarks and demo use them. Shapes follow the course's
 * :mod:`~autograder.reference.deep` — the hidden-state form (02);
 * :mod:`~autograder.reference.experiments` — ``make_method``, ``run_sweep`` (03);
 * :mod:`~autograder.reference.serving` — prefix files, mixed-tenant batches (04);
-* :mod:`~autograder.reference.debugging` — a prefix under gradient checkpointing (05).
+* :mod:`~autograder.reference.debugging` — a prefix under gradient checkpointing (05);
+* :mod:`~autograder.reference.tour` — what notebook 00's functions return (00).
 
 ``from autograder.reference import prefix_forward`` works as before: names are looked up in the
 concept modules on first use (:pep:`562`), so that a grading sandbox can hide the modules of the
@@ -54,6 +55,10 @@ _WHERE: dict[str, str] = {
     "lora_targets": "experiments",
     "make_method": "experiments",
     "run_sweep": "experiments",
+    "method_counts": "experiments",
+    "GROUP_KEYS": "tour",
+    "cache_shapes": "tour",
+    "count_parameters_by_group": "tour",
 }
 
 __all__ = sorted(name for name in _WHERE if not name.startswith("_"))

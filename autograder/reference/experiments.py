@@ -225,3 +225,22 @@ def run_sweep(
             }
         )
     return rows
+
+
+def method_counts(
+    name: str, geometry: dict[str, int], length: int, hidden: int, total: int
+) -> tuple[int | None, int | None]:
+    """``(n_trainable, n_stored)`` of method ``name`` on a backbone of ``total`` parameters whose
+    ``course.kv_geometry`` is ``geometry``; ``None`` where it depends on the adapters (LoRA)."""
+    g = geometry
+    d = g["hidden_size"]
+    kv = g["n_layers"] * 2 * g["n_kv_heads"] * g["head_dim"]  # one prefix position, all layers
+    if name == "prompt":
+        return length * d, length * d
+    if name == "prefix":
+        return length * kv, length * kv
+    if name == "prefix_reparam":
+        return length * d + d * hidden + hidden + hidden * kv + kv, length * kv
+    if name == "full":
+        return total, total
+    return None, None
