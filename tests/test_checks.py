@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forgery_tools import judge as _judge
 from torch import nn
 
 from autograder import reference
@@ -192,10 +193,6 @@ def _prompt_observation(check: str, seed: int) -> dict:
     return protocol.decode(*protocol.encode(obs))
 
 
-def _prompt_judge(check: str, data: dict, seed: int) -> None:
-    protocol.judge_observation(protocol.resolve(check)[1], data, seed)
-
-
 def _nudge(tensor: torch.Tensor) -> torch.Tensor:
     return tensor + 1e-3
 
@@ -282,17 +279,17 @@ PROMPT_FORGERIES = [
 )
 def test_prompt_judge_refuses_a_forged_observation(check: str, forge) -> None:
     data = _prompt_observation(check, GRADING_VARIANT)
-    _prompt_judge(check, data, GRADING_VARIANT)  # the genuine observation passes
+    _judge(check, data, GRADING_VARIANT)  # the genuine observation passes
     forge(data)
     with pytest.raises(AssertionError) as info:
-        _prompt_judge(check, data, GRADING_VARIANT)
+        _judge(check, data, GRADING_VARIANT)
     assert not isinstance(info.value, protocol.MalformedObservation), info.value
 
 
 @pytest.mark.parametrize("check", PROMPT_CHECKS)
 def test_prompt_observation_made_on_another_variant_fails(check: str) -> None:
     with pytest.raises(AssertionError):
-        _prompt_judge(check, _prompt_observation(check, 0), GRADING_VARIANT)
+        _judge(check, _prompt_observation(check, 0), GRADING_VARIANT)
 
 
 @pytest.mark.parametrize(
@@ -310,16 +307,16 @@ def test_prompt_judge_reports_a_missing_field_as_malformed(check: str, field: st
     data = _prompt_observation(check, 0)
     del data["models"][1][field]
     with pytest.raises(protocol.MalformedObservation):
-        _prompt_judge(check, data, 0)
+        _judge(check, data, 0)
     with pytest.raises(protocol.MalformedObservation):
-        _prompt_judge(check, {"models": []}, 0)
+        _judge(check, {"models": []}, 0)
 
 
 def test_prompt_judge_reports_a_mistyped_field_as_malformed() -> None:
     data = _prompt_observation("check_prepend_prompt", 0)
     data["models"][0]["inputs"]["tensors"]["inputs_embeds"] = [[0.0]]
     with pytest.raises(protocol.MalformedObservation):
-        _prompt_judge("check_prepend_prompt", data, 0)
+        _judge("check_prepend_prompt", data, 0)
 
 
 _KERNEL_WITHOUT_REFERENCE = """

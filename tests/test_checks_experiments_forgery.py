@@ -16,29 +16,13 @@ from typing import Any
 
 import pytest
 import torch
+from forgery_tools import judge as _judge
+from forgery_tools import observation as _observation
 
-from autograder.bugzoo import graded_objects
-from autograder.checks import CHECKS, experiments, protocol
+from autograder.checks import experiments, protocol
 
 GRADING_VARIANT = 918273  # as in test_bugzoo
 MY_CHECKS = ("check_method_parameters", "check_method_functions", "check_run_sweep")
-
-_CACHE: dict[tuple[str, int], tuple[dict[str, torch.Tensor], str]] = {}
-
-
-def _observation(check: str, seed: int) -> dict:
-    """The reference's observation of ``check`` as the grader receives it (a fresh copy)."""
-    if (check, seed) not in _CACHE:
-        observe, _ = protocol.resolve(check)
-        given = graded_objects()
-        obs = protocol.observe_safely(observe, tuple(given[n] for n in CHECKS[check][1]), seed)
-        assert protocol.FAILED not in obs, obs[protocol.FAILED]
-        _CACHE[check, seed] = protocol.encode(obs)
-    return protocol.decode(*_CACHE[check, seed])
-
-
-def _judge(check: str, data: dict, seed: int) -> None:
-    protocol.judge_observation(protocol.resolve(check)[1], data, seed)
 
 
 def _run(data: dict, kind: str, name: str) -> dict:

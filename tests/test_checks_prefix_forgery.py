@@ -15,9 +15,11 @@ from typing import Any
 
 import pytest
 import torch
+from forgery_tools import judge as _judge
+from forgery_tools import observation as _observation
 
 from autograder.bugzoo import VARIANTS, graded_objects
-from autograder.checks import CHECKS, protocol
+from autograder.checks import protocol
 
 GRADING_VARIANT = 918273  # as in test_bugzoo
 
@@ -32,27 +34,6 @@ MY_CHECKS = (
     "check_deep_prompt",
     "check_checkpointed_prefix_forward",
 )
-
-_CACHE: dict[tuple[str, int], tuple[dict[str, torch.Tensor], str]] = {}
-
-
-def _observation(check: str, seed: int, objects: dict[str, object] | None = None) -> dict:
-    """The observation of ``check`` on ``objects`` (the reference's by default), as the grader
-    receives it (encoded, then decoded): a fresh copy every call."""
-    key = (check, seed)
-    if objects is not None or key not in _CACHE:
-        observe, _ = protocol.resolve(check)
-        given = graded_objects() if objects is None else objects
-        obs = protocol.observe_safely(observe, tuple(given[n] for n in CHECKS[check][1]), seed)
-        assert protocol.FAILED not in obs, obs[protocol.FAILED]
-        if objects is not None:
-            return protocol.decode(*protocol.encode(obs))
-        _CACHE[key] = protocol.encode(obs)
-    return protocol.decode(*_CACHE[key])
-
-
-def _judge(check: str, data: dict, seed: int) -> None:
-    protocol.judge_observation(protocol.resolve(check)[1], data, seed)
 
 
 def _nudge(value: torch.Tensor, by: float = 1e-3) -> torch.Tensor:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forgery_tools import judge as _judge
 
 from autograder import reference
 from autograder.checks import protocol
@@ -39,11 +40,6 @@ def _observed(name: str, seed: int = 0) -> dict:
         assert protocol.FAILED not in obs, obs
         _CACHE[name, seed] = protocol.decode(*protocol.encode(obs))
     return copy.deepcopy(_CACHE[name, seed])
-
-
-def _judge(name: str, data: dict, seed: int = 0) -> None:
-    _, judge = protocol.resolve(name)
-    protocol.judge_observation(judge, data, seed)
 
 
 def _rejects(name: str, data: dict, match: str, seed: int = 0) -> str:

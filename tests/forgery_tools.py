@@ -1,0 +1,34 @@
+"""Shared by the judges' tests: the reference's observation of a check, and judging data.
+
+``observation(check, seed)`` is what the grader receives from a kernel running the reference
+implementation on variant ``seed`` (encoded, then decoded: a fresh copy every call, so a test
+may forge it freely); ``judge`` runs the check's judge half on such data.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from autograder.bugzoo import graded_objects
+from autograder.checks import CHECKS, protocol
+
+_CACHE: dict[tuple[str, int], tuple[dict[str, torch.Tensor], str]] = {}
+
+
+def observation(check: str, seed: int = 0, objects: dict[str, object] | None = None) -> dict:
+    """The observation of ``check`` on ``objects`` (default: the reference's graded objects)."""
+    key = (check, seed)
+    if objects is not None or key not in _CACHE:
+        observe, _ = protocol.resolve(check)
+        given = graded_objects() if objects is None else objects
+        obs = protocol.observe_safely(observe, tuple(given[n] for n in CHECKS[check][1]), seed)
+        assert protocol.FAILED not in obs, obs[protocol.FAILED]
+        if objects is not None:
+            return protocol.decode(*protocol.encode(obs))
+        _CACHE[key] = protocol.encode(obs)
+    return protocol.decode(*_CACHE[key])
+
+
+def judge(check: str, data: dict, seed: int = 0) -> None:
+    """Judge ``data`` as the grader would (raises ``AssertionError`` on a failure)."""
+    protocol.judge_observation(protocol.resolve(check)[1], data, seed)
