@@ -85,7 +85,13 @@ def _lora_targets(model) -> list[str]:
 
 
 def run_method(
-    name: str, model_name: str, steps: int, seed: int, device: str | None, eval_every: int
+    name: str,
+    model_name: str,
+    steps: int,
+    seed: int,
+    device: str | None,
+    eval_every: int,
+    lr: float | None = None,
 ) -> dict:
     """Train ``name`` from a fresh backbone; return its row (run in a process of its own)."""
     from autograder.reference import (
@@ -109,7 +115,7 @@ def run_method(
         torch.cuda.reset_peak_memory_stats(dev)
     total = sum(p.numel() for p in model.parameters())
     greedy = _greedy(tok)
-    lr = cfg["lr"][name]
+    lr = cfg["lr"][name] if lr is None else lr
 
     def plain_generate(ids, mask, n):
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, **greedy)
@@ -317,6 +323,16 @@ def _parse_steps(text: str | None, defaults: dict[str, int]) -> dict[str, int]:
     return steps
 
 
+def _parse_lr(text: str) -> dict[str, float]:
+    rates = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in METHODS or not value:
+            raise SystemExit(f"--lr: expected method=LR with a method of {METHODS}, got {part!r}")
+        rates[name.strip()] = float(value)
+    return rates
+
+
 def table(result: dict) -> str:
     """The markdown section for ``result`` (what :func:`main` writes)."""
     rows, base, cfg = result["rows"], result["untuned"], result["settings"]
@@ -380,6 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="tiny", help="'tiny', 'smollm2-135m', a hub id")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     parser.add_argument("--steps", default=None, help="N or method=N,... (default: per backbone)")
+    parser.add_argument("--lr", default=None, help="method=LR,... (default: per backbone)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peft-compare", action="store_true", help="default: tiny LM only")
@@ -392,6 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.device in (None, "cpu"):
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     cfg = settings_for(args.model)
+    if args.lr:
+        cfg = {**cfg, "lr": {**cfg["lr"], **_parse_lr(args.lr)}}
     steps = _parse_steps(args.steps, cfg["steps"])
     if args.worker:  # one method (or the untuned baseline / PEFT comparison) in this process
         if args.worker == "untuned":
@@ -401,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             row = run_method(
                 args.worker, args.model, steps[args.worker], args.seed, args.device,
-                cfg["eval_every"],
+                cfg["eval_every"], cfg["lr"][args.worker],
             )  # fmt: skip
         Path(args.json).write_text(json.dumps(row))
         return
@@ -411,6 +430,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown methods {unknown}; known: {', '.join(METHODS)}")
     common = ["--model", args.model, "--seed", str(args.seed)]
     common += ["--steps", ",".join(f"{m}={n}" for m, n in steps.items())]
+    if args.lr:
+        common += ["--lr", args.lr]
     if args.device:
         common += ["--device", args.device]
     started = time.perf_counter()
