@@ -14,7 +14,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-__all__ = ["RESULTS_DIR", "available", "load", "plot_methods", "summary"]
+__all__ = ["RESULTS_DIR", "available", "load", "plot_methods", "plot_sweep", "summary"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "assets" / "results"
 
@@ -30,15 +30,18 @@ def load(name: str) -> dict | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
-        raise ValueError(f"{path} is not a methods result")
+    if not isinstance(data, dict) or not (
+        isinstance(data.get("rows"), list) or isinstance(data.get("sweeps"), dict)
+    ):
+        raise ValueError(f"{path} is not a methods or sweeps result")
     return data
 
 
 def _label(result: dict) -> str:
+    script = "sweeps" if "sweeps" in result else "methods"
     return (
         f"benchmark, not this run: {result['model']} on {result['device']}, {result['date']} "
-        f"(python -m benchmarks.methods --model {result['model']})"
+        f"(python -m benchmarks.{script} --model {result['model']})"
     )
 
 
@@ -76,4 +79,21 @@ def plot_methods(result: dict) -> Figure:
     right.set(xlabel="training step", ylabel="slot accuracy (%)")
     right.legend(fontsize=8)
     fig.suptitle(_label(result), fontsize=9)
+    return fig
+
+
+def plot_sweep(result: dict, sweep: str) -> Figure:
+    """Slot accuracy of every run of one sweep (``"length"`` or ``"init"``) of a sweeps result,
+    as bars labelled with the runs, the benchmark's label as title."""
+    rows = result["sweeps"][sweep]
+    fig, ax = plt.subplots(figsize=(7, 3.6), layout="constrained")
+    plt.close(fig)
+    labels = [r["label"] for r in rows]
+    values = [r["slot_accuracy"] for r in rows]
+    bars = ax.bar(range(len(rows)), values, color=[f"C{i}" for i in range(len(rows))])
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel="slot accuracy (%)", ylim=(0, 100))
+    ax.set_title(f"{_label(result)}; {result['steps']} steps per run", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
     return fig

@@ -43,11 +43,15 @@ def test_load_summary_and_plot(tmp_path, monkeypatch) -> None:
     left, right = fig.axes
     assert len(right.get_lines()) >= 2 and "not this run" in fig._suptitle.get_text()
     (tmp_path / "bad.json").write_text("[]")
-    with pytest.raises(ValueError, match="not a methods result"):
+    with pytest.raises(ValueError, match="not a methods or sweeps result"):
         results.load("bad")
+    sweeps = {**RESULT, "steps": 100, "sweeps": {"length": [{"label": "P=1", "slot_accuracy": 5}]}}
+    (tmp_path / "sweeps-x.json").write_text(json.dumps(sweeps))
+    figure = results.plot_sweep(results.load("sweeps-x"), "length")
+    assert "benchmarks.sweeps" in figure.axes[0].get_title()
 
 
-@pytest.mark.parametrize("name", results.available())
+@pytest.mark.parametrize("name", [n for n in results.available() if n.startswith("methods")])
 def test_committed_results_load(name: str) -> None:
     result = results.load(name)
     assert {r["method"] for r in result["rows"]} <= {
@@ -58,3 +62,11 @@ def test_committed_results_load(name: str) -> None:
         "full",
     }
     results.plot_methods(result)
+
+
+@pytest.mark.parametrize("name", [n for n in results.available() if n.startswith("sweeps")])
+def test_committed_sweeps_load(name: str) -> None:
+    result = results.load(name)
+    assert set(result["sweeps"]) == {"length", "init"}
+    for sweep in result["sweeps"]:
+        results.plot_sweep(result, sweep)
