@@ -65,7 +65,6 @@ def test_grade_ids_unique_and_cells_marked(notebook):
             assert meta.get("solution"), f"{gid}: a manually graded answer must be a solution cell"
 
 
-
 def test_multiple_choice_keys_are_stored(notebook):
     from autograder import answers
 

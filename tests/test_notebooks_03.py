@@ -60,8 +60,6 @@ def test_grade_ids_unique_and_cells_marked(nb):
             assert meta.get("solution"), f"{gid}: a manually graded answer must be a solution cell"
 
 
-
-
 def test_multiple_choice_keys_are_stored_and_agree(nb):
     from autograder import answers
 
