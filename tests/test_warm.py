@@ -61,6 +61,14 @@ def _introspect(kernel_manager_class: type, cwd: Path) -> dict:
 def zygote() -> warm.Zygote:
     found = warm.Zygote.get()
     assert found is not None and found.wait_ready(), "the zygote did not start"
+    if found.mismatch(dict(os.environ)):
+        # This process's zygote predates an earlier test's in-process grade(), which put its
+        # scratch course on PYTHONPATH: grading would fall back to normal kernels (correctly),
+        # but these tests are about a zygote that matches, so start one for this environment.
+        found.stop()
+        found = warm.Zygote.get()
+        assert found is not None and found.wait_ready(), "the zygote did not restart"
+    assert found.mismatch(dict(os.environ)) == ""
     return found
 
 
