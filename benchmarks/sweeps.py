@@ -120,7 +120,11 @@ def main() -> None:
     print(text)
     if not args.no_write:
         section = f"sweeps-{args.model}" + ("-cuda" if device.type == "cuda" else "")
-        write_section(section, f"python -m benchmarks.sweeps --model {args.model}", text)
+        write_section(
+            section,
+            f"python -m benchmarks.sweeps --model {args.model} --steps {args.steps}",
+            text,
+        )
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         (RESULTS_DIR / f"{section}.json").write_text(json.dumps(result, indent=1) + "\n")
 
