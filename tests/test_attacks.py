@@ -71,6 +71,10 @@ def attacked(tmp_path_factory: pytest.TempPathFactory):
     classroom.write_submission(
         scratch, submissions, "blank", ASSIGNMENT, {ASSIGNMENT: released}, artifacts=False
     )
+    # a correct notebook whose graded cells had their nbgrader flags rewritten
+    classroom.write_submission(
+        scratch, submissions, "flipped", ASSIGNMENT, {ASSIGNMENT: attacks.flip_flags(solved)}
+    )
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
@@ -101,7 +105,7 @@ def attacked(tmp_path_factory: pytest.TempPathFactory):
 
 def test_the_batch_completes_and_the_victims_are_untouched(attacked) -> None:
     _, students, results, _, _, _ = attacked
-    assert set(results) == {"victim", "blank", *students}
+    assert set(results) == {"victim", "blank", "flipped", *students}
     assert all(r.score is not None for r in results.values()), {
         s: r.status for s, r in results.items() if r.score is None
     }
@@ -110,7 +114,7 @@ def test_the_batch_completes_and_the_victims_are_untouched(attacked) -> None:
     assert _auto(results["blank"])[0] == 0
 
 
-@pytest.mark.parametrize("attack", [*sorted(attacks.ATTACKS), "oracle", "deep-json"])
+@pytest.mark.parametrize("attack", [*sorted(attacks.ATTACKS), "oracle", "deep-json", "flag-flips"])
 def test_no_attack_scores(attacked, attack: str) -> None:
     _, _, results, _, _, _ = attacked
     result = results[f"attack-{attack}"]
@@ -125,7 +129,7 @@ def test_the_graders_files_and_the_gradebook_are_unchanged(attacked) -> None:
     assert not (REPO_ROOT / "autograder" / "checks" / "owned.py").exists()
     with scratch.gradebook() as gb:
         names = {s.id for s in gb.students}
-    assert names == {"victim", "blank", *students}
+    assert names == {"victim", "blank", "flipped", *students}
 
 
 def test_nothing_reached_the_network(attacked) -> None:
@@ -154,3 +158,33 @@ def test_attack_outcomes_are_reported(attacked) -> None:
     assert "left out of the submission" in linker and "a symlink" in linker, linker
     assert "timestamp.txt" in linker
     assert "malformed" in results["attack-deep-json"].status
+    # rewritten nbgrader flags are restored from the release: graded as released, and said so
+    flipped = results["flipped"]
+    score, maximum = _auto(flipped)
+    assert maximum == _auto(results["victim"])[1] and score == maximum, flipped.status
+    assert "restored from the release" in flipped.status, flipped.status
+    assert "restored from the release" in results["attack-flag-flips"].status
+
+
+def _nbgrader_fails(job):
+    from autograder.pipeline.grade import JobResult
+
+    return JobResult(False, "simulated nbgrader failure", "-", 0.0)
+
+
+def test_a_regrade_that_fails_keeps_no_earlier_score(attacked, monkeypatch) -> None:
+    """A resubmission that makes nbgrader fail must not leave the last score standing (runs
+    last: it regrades the victim)."""
+    from autograder.pipeline import grade as grading
+
+    scratch, _, results, _, _, _ = attacked
+    assert _auto(results["victim"])[0] > 0
+    monkeypatch.setattr(grading, "_run_job", _nbgrader_fails)  # the forked workers inherit it
+    resubmitted = scratch.root.parent / "resubmitted"
+    shutil.copytree(scratch.root.parent / "submissions" / "victim", resubmitted / "victim")
+    again, _ = grade(scratch, resubmitted, [ASSIGNMENT], workers=1)
+    (victim,) = [r for r in again if r.student == "victim"]
+    assert _auto(victim)[0] == 0, victim.status
+    assert "simulated nbgrader failure" in victim.status, victim.status
+    assert "review by hand" in victim.status, victim.status
+    assert not (scratch.autograded / "victim" / ASSIGNMENT).exists()

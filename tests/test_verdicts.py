@@ -126,6 +126,18 @@ ATTACKS = {
         "selfcheck.check_answer = lambda *a, **k: True"
     ),
     "torch.equal patched": "import torch\ntorch.equal = lambda *a: True",
+    "observation headers nested deeper than json.loads goes": (
+        "import os, pathlib\nfrom safetensors.torch import save_file\n"
+        "from autograder.checks import protocol\n"
+        "def _deep(result, n=[0]):\n"
+        "    for name in ('check_answer', 'check_freeze_backbone'):\n"
+        "        n[0] += 1\n"
+        "        folder = pathlib.Path(os.environ[protocol.CHANNEL_ENV])\n"
+        "        path = folder / f'0-{n[0]:04d}-{name}.safetensors'\n"
+        "        deep = '[' * 200_000 + ']' * 200_000\n"
+        "        save_file({}, str(path), metadata={'observation': deep})\n"
+        "get_ipython().events.register('post_run_cell', _deep)"
+    ),
 }
 
 
@@ -253,3 +265,34 @@ def test_student_html_is_escaped_before_formgrader_renders_it() -> None:
     data = nb.cells[2].outputs[0].data
     assert "application/javascript" not in data
     assert "<img" not in data["text/html"]
+
+
+def test_one_cell_the_grader_cannot_judge_costs_that_cell_only(tmp_path, monkeypatch) -> None:
+    real = GradedExecute._verdict
+
+    def verdict(self, item, record, kernel_error):
+        if item.name == "check_answer":
+            raise RecursionError("maximum recursion depth exceeded")
+        return real(self, item, record, kernel_error)
+
+    monkeypatch.setattr(GradedExecute, "_verdict", verdict)
+    graded = _grade(_notebook(), tmp_path)
+    assert graded["test_freeze"][0] == 2
+    score, outputs = graded["test_q1"]
+    assert score == 0 and outputs[0].ename == "GraderError", outputs
+    assert "review by hand" in outputs[0].evalue
+
+
+def test_a_nested_observation_header_is_malformed(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from autograder.pipeline.verdicts import _answers_question
+
+    deep = "[" * 200_000 + "]" * 200_000
+    with pytest.raises(protocol.MalformedObservation, match="nested too deeply"):
+        protocol.decode({}, deep)
+    with pytest.raises(protocol.MalformedObservation, match="nested too deeply"):
+        protocol.decode({}, '{"a": ' + "[" * 50_000 + "]" * 50_000 + "}")
+    path = tmp_path / "0-0000-check_answer.safetensors"
+    save_file({}, str(path), metadata={"observation": deep})
+    assert _answers_question(path, "nb01_q1") is False

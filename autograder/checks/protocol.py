@@ -132,9 +132,14 @@ def decode(tensors: Mapping[str, torch.Tensor], text: str) -> dict[str, Any]:
         data = json.loads(text)
     except ValueError as err:
         raise MalformedObservation(f"observation is not valid JSON: {err}") from None
+    except RecursionError:  # "[[[[...]]]]": deeper than Python's parser goes
+        raise MalformedObservation("observation header is nested too deeply") from None
     if not isinstance(data, dict):
         raise MalformedObservation("observation is not a mapping")
-    return _rebuild(data, tensors)
+    try:
+        return _rebuild(data, tensors)
+    except RecursionError:
+        raise MalformedObservation("observation is nested too deeply") from None
 
 
 def write(path: Path, obs: Mapping[str, Any]) -> None:

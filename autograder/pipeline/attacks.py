@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import nbformat
 from nbformat.notebooknode import NotebookNode
 
 from autograder.pipeline.classroom import (
@@ -122,6 +123,22 @@ _real = protocol.capture
 protocol.capture = lambda name, objects, channel: _real(name, (), channel)
 """
 
+_DEEP_HEADERS = """
+from safetensors.torch import save_file
+from autograder.checks import NOTEBOOK_CHECKS, protocol
+channel = pathlib.Path(os.environ.get(protocol.CHANNEL_ENV, "/nonexistent"))
+deep = "[" * 200_000 + "]" * 200_000  # deeper than json.loads can go: RecursionError
+def _flood(result, count=[0]):
+    for name in ("check_answer", *NOTEBOOK_CHECKS):
+        count[0] += 1
+        try:
+            path = channel / f"{os.getpid()}-7{count[0]:05d}-{name}.safetensors"
+            save_file({}, str(path), metadata={"observation": deep})
+        except OSError:
+            pass
+get_ipython().events.register("post_run_cell", _flood)
+"""
+
 _KILL = """
 import os, signal
 for pid in range(2, 400):
@@ -175,6 +192,7 @@ ATTACKS: dict[str, str] = {
     "huge-output": "print('x' * 50_000_000)",
     "verdict-tampering": _TAMPER,
     "forged-observations": _HELPERS + _FORGE,
+    "deep-observation-headers": _HELPERS + _DEEP_HEADERS,
     "kill-everything": _KILL,
     "hidden-test-markers": _MARKERS,
     "fake-grader-errors": _FAKE_ERRORS,
@@ -240,7 +258,33 @@ def make_attack_students(
     deep = {n: "[" * 200_000 for n in pairs}
     write_submission(course, out, "attack-deep-json", assignment, deep, artifacts=False)
     students["attack-deep-json"] = "deep-json"
+    flipped = {n: flip_flags(released) for n, (released, _) in pairs.items()}
+    write_submission(course, out, "attack-flag-flips", assignment, flipped, artifacts=False)
+    students["attack-flag-flips"] = "flag-flips"
     return students
+
+
+def flip_flags(nb: NotebookNode) -> NotebookNode:
+    """``nb`` with the nbgrader flags of its graded cells rewritten: every other hidden test
+    made a "solution" (which nbgrader would leave to manual grading), the rest un-graded, and
+    one test cell turned into markdown. nbgrader restores the source of such cells, not their
+    flags; unrepaired, this makes nbgrader reject the whole notebook."""
+    nb = copy.deepcopy(nb)
+    tests = [c for c in nb.cells if c.get("metadata", {}).get("nbgrader", {}).get("grade")]
+    tests = [c for c in tests if c.cell_type == "code" and not c.metadata.nbgrader.get("solution")]
+    for i, cell in enumerate(tests):
+        if i % 2:
+            cell.metadata.nbgrader["solution"] = True
+        else:
+            cell.metadata.nbgrader["grade"] = False
+            cell.metadata.nbgrader.pop("points", None)
+    if tests:
+        cell = tests[-1]
+        index = nb.cells.index(cell)
+        md = nbformat.v4.new_markdown_cell(cell.source, metadata=cell.metadata)
+        md.id = cell.get("id", md.id)
+        nb.cells[index] = md
+    return nb
 
 
 def _with_oracles(released: NotebookNode) -> NotebookNode | None:

@@ -225,15 +225,18 @@ def sync_gradebook(course: Course, assignments: Sequence[str]) -> None:
         os.chdir(cwd)
 
 
-def _record_missing(course: Course, staged: Staged) -> None:
-    """Record a submission with no gradable notebook as 0 in the gradebook (manual grades kept)."""
+def _record_missing(course: Course, staged: Staged, review: bool = False) -> None:
+    """Record a submission as 0 in the gradebook (manual grades kept): one with no gradable
+    notebook, or (``review``) one nbgrader could not grade, whose earlier score must not stand —
+    a resubmission that makes grading fail would otherwise keep the last grade. Its cells are
+    then marked for grading by hand."""
     with course.gradebook() as gb:
         gb.update_or_create_student(staged.student)
         submission = gb.update_or_create_submission(staged.assignment, staged.student)
         for notebook in submission.notebooks:
             for grade in notebook.grades:
                 grade.auto_score = 0
-                grade.needs_manual_grade = False
+                grade.needs_manual_grade = review and grade.manual_score is None
         gb.db.commit()
     for folder in (course.autograded, course.feedback):
         shutil.rmtree(folder / staged.student / staged.assignment, ignore_errors=True)
@@ -339,12 +342,14 @@ def grade(
             try:
                 outcome = future.result()
             except Exception as err:  # a worker process died: report it, grade the rest
-                issues.append(Issue("error", "*", f"grading process failed: {err!r}"))
+                detail = f"grading process failed: {err!r}; scored 0, review by hand"
+                issues.append(Issue("error", "*", detail))
+                _record_missing(course, s, review=True)
                 continue
             if not outcome.success:
                 detail = f"nbgrader could not grade it: {outcome.message} (log: {outcome.log})"
-                issues.append(Issue("error", "*", detail))
-                shutil.rmtree(course.feedback / s.student / s.assignment, ignore_errors=True)
+                issues.append(Issue("error", "*", detail + "; scored 0, review by hand"))
+                _record_missing(course, s, review=True)  # no earlier score survives a failure
             if outcome.feedback_error:
                 # the score is recorded: feedback trouble is reported, never as "not graded"
                 issues.append(Issue("feedback", "*", f"no feedback: {outcome.feedback_error}"))

@@ -211,6 +211,56 @@ def _repair_duplicates(nb: NotebookNode, name: str) -> list[Issue]:
     return issues
 
 
+def _restore_metadata(nb: NotebookNode, release: NotebookNode, name: str) -> list[Issue]:
+    """Give every nbgrader cell the metadata and type the release gave it.
+
+    nbgrader restores a locked cell's source, not its flags: a hidden test cell flipped to
+    ``solution`` or ``grade: false``, or a cell turned from code into markdown, would otherwise
+    make nbgrader reject the whole notebook (a checksum mismatch), and a student whose
+    resubmission fails to grade must not gain anything from it. A ``grade_id`` the release does
+    not have is not graded: its cell runs as an ordinary cell.
+    """
+    released = {gid: cell for cell in release.cells if (gid := grade_id(cell))}
+    issues = []
+    for index, cell in enumerate(nb.cells):
+        gid = grade_id(cell)
+        if gid is None:
+            continue
+        original = released.get(gid)
+        if original is None:
+            del cell.metadata["nbgrader"]
+            detail = (
+                f"cell {index} names graded cell {gid!r}, which the release lacks; "
+                "it runs as an ordinary cell"
+            )
+            issues.append(Issue("metadata", name, detail))
+            continue
+        meta = copy.deepcopy(original.metadata["nbgrader"])
+        if cell.cell_type == original.cell_type and cell.metadata["nbgrader"] == meta:
+            continue
+        changed = sorted(
+            k
+            for k in set(meta) | set(cell.metadata["nbgrader"])
+            if meta.get(k) != cell.metadata["nbgrader"].get(k)
+        )
+        if cell.cell_type != original.cell_type:
+            changed.insert(0, "cell type")
+            keep = {k: v for k, v in cell.metadata.items() if k != "nbgrader"}
+            make = {"code": nbformat.v4.new_code_cell, "markdown": nbformat.v4.new_markdown_cell}
+            fresh = make.get(original.cell_type, nbformat.v4.new_raw_cell)(
+                source=cell.source, metadata=keep
+            )
+            if "id" in cell:
+                fresh.id = cell.id
+            nb.cells[index] = cell = fresh
+        cell.metadata["nbgrader"] = meta
+        detail = (
+            f"graded cell {gid!r} had its {', '.join(changed)} changed; restored from the release"
+        )
+        issues.append(Issue("metadata", name, detail))
+    return issues
+
+
 def _restore_deleted(nb: NotebookNode, release: NotebookNode, name: str) -> list[Issue]:
     """Put back every nbgrader cell of ``release`` that ``nb`` lacks, after its predecessor.
 
@@ -305,7 +355,7 @@ def stage(
             continue
         released = nbformat.read(release / assignment / f"{name}.ipynb", as_version=4)
         repairs = _drop_broken_metadata(nb, name) + _repair_duplicates(nb, name)
-        repairs += _restore_deleted(nb, released, name)
+        repairs += _restore_metadata(nb, released, name) + _restore_deleted(nb, released, name)
         staged.issues += repairs
         if repairs:
             nbformat.write(nb, path)

@@ -269,7 +269,19 @@ class GradedExecute(ResilientExecute):
         try:
             nb, resources = super().preprocess(nb, resources, km)
             for index, cell in enumerate(nb.cells):
-                self._judge_cell(cell, index)
+                try:
+                    self._judge_cell(cell, index)
+                except Exception as err:  # noqa: BLE001 - one cell's failure costs that cell only
+                    self.log.error("judging cell %d failed", index, exc_info=True)
+                    output = error_output(
+                        GRADER_ERROR,
+                        f"the grader could not judge this cell: {type(err).__name__}: "
+                        f"{str(err)[:500]} — review by hand",
+                    )
+                    cell.outputs = [output]
+                    self._events.append(
+                        {"cell": index, "ename": output.ename, "evalue": output.evalue}
+                    )
             self.write_events(nb)
         finally:
             shutil.rmtree(self._channel, ignore_errors=True)
@@ -416,11 +428,13 @@ def _ours(ename: str, evalue: str) -> tuple[NotebookNode, bool]:
 
 
 def _answers_question(path: Path, question: str) -> bool:
+    """Whether the observation at ``path`` answers ``question``; False for anything malformed
+    (which then counts as no answer delivered)."""
     try:
         data = protocol.read(path)
-    except AssertionError:
+        return isinstance(data, dict) and data.get("question") == question
+    except Exception:  # noqa: BLE001 - an untrusted file must never stop the judging
         return False
-    return data.get("question") == question
 
 
 def _pass_line(item: Expected) -> str:
