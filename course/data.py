@@ -423,6 +423,28 @@ class Task:
             raise ValueError(f"n must be >= 0, got {n}")
         return list(_examples(self.name, split)[:n])
 
+    def sample(self, split: str, n: int, seed: int) -> list[Example]:
+        """``n`` new examples drawn the way ``split``'s are (its restaurant names, never a
+        training prompt), from ``seed``. The grader scores a saved prompt or prefix on such a
+        draw, with a seed secret to each grading run, so there is no fixed set of scored inputs
+        a student could train on."""
+        _check_split(split)
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        rng = random.Random(_seed(self.name, split, "sample", seed))
+        seen = {e.prompt for e in _examples(self.name, "train")} if split != "train" else set()
+        out: list[Example] = []
+        for _ in range(100 * n + 100):
+            if len(out) == n:
+                break
+            example = self.builder(rng, name_pool(split), split == "train")
+            if example.prompt not in seen:
+                seen.add(example.prompt)
+                out.append(example)
+        if len(out) < n:
+            raise ValueError(f"{self.name} has fewer than {n} distinct {split} examples")
+        return out
+
     def score(self, predictions: list[str], examples: list[Example]) -> dict[str, float]:
         """Scores in ``[0, 100]``: ``slot_accuracy`` + ``bleu`` (data-to-text), or ``accuracy``."""
         if len(predictions) != len(examples):

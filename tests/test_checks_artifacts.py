@@ -147,3 +147,29 @@ def test_stamps_round_trip_and_reject_junk(tiny_lm, tmp_path):
     written.write_text('{"name": 3}')
     with pytest.raises(ValueError, match="needs name"):
         read_stamp(target)
+
+
+def test_graded_scores_use_a_fresh_draw_of_hidden_inputs(tiny_lm, monkeypatch):
+    """A student could train on the public test split; grading scores inputs drawn per run."""
+    from autograder.checks.harness import variant
+
+    model, tok = tiny_lm
+    seen: list[list[str]] = []
+    real = get_task("data_to_text").score
+
+    def score(self, predictions, examples):
+        seen.append([e.prompt for e in examples])
+        return real(predictions, examples)
+
+    monkeypatch.setattr(type(get_task("data_to_text")), "score", score)
+    generate = lambda ids, mask, n: ids[:, :1]  # noqa: E731
+    public = [e.prompt for e in get_task("data_to_text").examples("test", N)]
+    artifacts.generate_scores(generate, tok, "data_to_text", N)
+    with variant(918273):
+        artifacts.generate_scores(generate, tok, "data_to_text", N)
+    with variant(918273):
+        artifacts.generate_scores(generate, tok, "data_to_text", N)
+    with variant(5):
+        artifacts.generate_scores(generate, tok, "data_to_text", N)
+    assert seen[0] == public  # a student's own run: the split as published
+    assert not set(seen[1]) & set(public) and seen[1] == seen[2] != seen[3]

@@ -178,3 +178,19 @@ def test_corpus_teaches_skills_without_task_formats():
     assert "Overall: great." in text and "Verdict: terrible." in text
     assert "Posted in: service" in text and "Question: " in text
     assert corpus.generate_corpus(3).count(corpus.EOS) == 3
+
+
+@pytest.mark.parametrize("name", list_tasks())
+def test_a_fresh_draw_is_new_per_seed_and_held_out(name):
+    task = get_task(name)
+    first, again, other = (task.sample("test", 64, s) for s in (7, 7, 8))
+    assert first == again and first != other and len({e.prompt for e in first}) == 64
+    train = {e.prompt for e in task.examples("train")}
+    assert not train & {e.prompt for e in first}
+    with pytest.raises(ValueError, match="n must be"):
+        task.sample("test", -1, 7)
+    if name == "data_to_text":
+        names = set(data.name_pool("test"))
+        assert all(e.meta["slots"]["name"] in names for e in first)
+        # the fixed hidden split is public (its seed is in this file): a draw shares nothing with it
+        assert not {e.prompt for e in first} & {e.prompt for e in task.examples("test")}

@@ -6,7 +6,8 @@ when graded, load it instead of training again. The kernel only *observes* (the 
 and which backbone the notebook ran on, with a full hash of its weights); the grader *judges*:
 it loads its own copy of that backbone, refuses a notebook whose backbone is not bit-identical
 to the released one, feeds the values through its own forward pass and generates greedily on
-the hidden ``test`` split, with the threshold it holds for that backbone (:data:`THRESHOLDS`).
+inputs drawn like the hidden ``test`` split's, fresh for each grading run (so no public list holds
+them), with the threshold it holds for that backbone (:data:`THRESHOLDS`).
 A backbone the grader does not have is reported with the backbones it can score.
 """
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 import course
-from autograder.checks.harness import describe
+from autograder.checks.harness import current_variant, describe, seeded
 from autograder.checks.protocol import MalformedObservation, Observed, run_check
 from course.compat import cache_keyword, kv_geometry, make_cache
 from course.data import get_task
@@ -39,6 +40,8 @@ __all__ = [
 ]
 
 N_TEST = 64
+SAMPLE_INPUT = 9_001
+"""The input number (:func:`~autograder.checks.harness.seeded`) of the graded draw of inputs."""
 BATCH = 32
 MAX_PREFIX = 512
 """Longest prompt or prefix (positions) the grader scores."""
@@ -47,8 +50,8 @@ THRESHOLDS: dict[str, dict[str, float]] = {
     "prompt": {"tiny": 8.0, "smollm2-135m": 40.0},
     "prefix": {"tiny": 12.0, "smollm2-135m": 60.0},
 }
-"""Least slot accuracy (hidden test split, :data:`N_TEST` inputs) a trained artifact needs, per
-kind and backbone. The tiny LM's reference prompt scores about 15 and its prefix about 28; see
+"""Least slot accuracy (:data:`N_TEST` hidden-split inputs) a trained artifact needs, per
+kind and backbone. The tiny LM's reference prompt scores 16–25 and its prefix 22–28 (six draws); see
 ``benchmarks/RESULTS.md`` for SmolLM2-135M's."""
 
 
@@ -138,13 +141,18 @@ def generate_scores(
     n: int = N_TEST,
     device: torch.device | None = None,
 ) -> dict:
-    """Greedy generation on the first ``n`` examples of the hidden split, scored by the task.
+    """Greedy generation on ``n`` examples of the hidden split, scored by the task: its first
+    ``n`` in a student's own run (variant 0), a fresh draw from the grading run's secret variant
+    when graded (:meth:`course.data.Task.sample`), so that no public list holds the scored inputs.
 
     ``generate(input_ids, attention_mask, max_new_tokens)`` gets left-padded ``(B, T)`` inputs
     and returns the new tokens ``(B, N)``; decoding stops at the tokenizer's eos.
     """
     task = get_task(task_name)
-    examples = task.examples("test", n)
+    if current_variant() == 0:
+        examples = task.examples("test", n)
+    else:
+        examples = task.sample("test", n, seeded(SAMPLE_INPUT))
     predictions: list[str] = []
     side, threads = tokenizer.padding_side, torch.get_num_threads()
     tokenizer.padding_side = "left"
