@@ -21,7 +21,10 @@ Not guaranteed: facts that only exist inside the kernel and are not outputs of g
 (a ``requires_grad`` flag, a file size, the values a random initialisation drew, the numbers in a
 saved study) are the kernel's word, checked for structure and consistency only; memory is bounded
 per process (no cgroups); a notebook that copies a classmate's code is plagiarism, which no
-behaviour check can tell from honest work.
+behaviour check can tell from honest work — and so is one that copies :mod:`autograder.reference`,
+which this installed package still contains (hidden only from grading kernels) until a student
+package without it exists. Trained artifacts are scored on inputs drawn fresh per grading run; a
+submission nbgrader cannot grade scores 0 and is marked for review, never keeping an earlier score.
 
 Packages: :mod:`autograder.checks` (observe/judge pairs, one module per notebook),
 :mod:`autograder.reference` (one module per concept), :mod:`autograder.bugzoo` (known-buggy twins
