@@ -7,6 +7,11 @@ may forge it freely); ``judge`` runs the check's judge half on such data.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from autograder.bugzoo import graded_objects
@@ -32,3 +37,29 @@ def observation(check: str, seed: int = 0, objects: dict[str, object] | None = N
 def judge(check: str, data: dict, seed: int = 0) -> None:
     """Judge ``data`` as the grader would (raises ``AssertionError`` on a failure)."""
     protocol.judge_observation(protocol.resolve(check)[1], data, seed)
+
+
+def observe_in_a_fresh_kernel(
+    source: str, folder: Path, seed: int, count: int, stdin: str | None = None
+) -> None:
+    """Run ``source`` (a kernel stand-in, given ``folder`` and ``seed`` as arguments, that must
+    observe without importing the reference) in a fresh Python; then judge, in this process, the
+    ``count`` observations it wrote to ``folder``: every one must pass."""
+    script = folder / "kernel.py"
+    script.write_text(source)
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(script), str(folder), str(seed)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = sorted(folder.glob("*.safetensors"))
+    assert len(files) == count, [f.name for f in files]
+    for path in files:
+        name = path.stem.split("-", 2)[2]
+        assert protocol.FAILED not in protocol.read(path), protocol.read(path)
+        protocol.judge_file(name, path, seed)

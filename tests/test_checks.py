@@ -4,10 +4,6 @@ refusal of forged observations."""
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from forgery_tools import judge as _judge
@@ -372,21 +368,6 @@ assert "autograder.reference" not in {m for m, v in sys.modules.items() if v is 
 
 
 def test_prompt_observes_without_the_reference_and_is_judged_elsewhere(tmp_path) -> None:
-    import subprocess
+    from forgery_tools import observe_in_a_fresh_kernel
 
-    script = tmp_path / "kernel.py"
-    script.write_text(_KERNEL_WITHOUT_REFERENCE)
-    root = Path(__file__).resolve().parents[1]
-    subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(GRADING_VARIANT)],
-        cwd=root,
-        check=True,
-        capture_output=True,
-        env={**os.environ, "PYTHONPATH": str(root)},
-    )
-    files = sorted(tmp_path.glob("*.safetensors"))
-    assert len(files) == 3
-    for path in files:
-        name = path.stem.split("-", 2)[2]
-        assert protocol.FAILED not in protocol.read(path), protocol.read(path)
-        protocol.judge_file(name, path, GRADING_VARIANT)
+    observe_in_a_fresh_kernel(_KERNEL_WITHOUT_REFERENCE, tmp_path, GRADING_VARIANT, 3)

@@ -6,18 +6,15 @@ half runs where the reference does not exist."""
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from forgery_tools import judge as _judge
 from forgery_tools import observation as _observation
+from forgery_tools import observe_in_a_fresh_kernel
 
 from autograder.checks import experiments, protocol
 
@@ -248,19 +245,4 @@ assert "autograder.reference.experiments" not in {m for m, v in sys.modules.item
 
 
 def test_observes_without_the_reference_and_is_judged_elsewhere(tmp_path) -> None:
-    script = tmp_path / "kernel.py"
-    script.write_text(_KERNEL_WITHOUT_REFERENCE)
-    root = Path(__file__).resolve().parents[1]
-    subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(GRADING_VARIANT)],
-        cwd=root,
-        check=True,
-        capture_output=True,
-        env={**os.environ, "PYTHONPATH": str(root)},
-    )
-    files = sorted(tmp_path.glob("*.safetensors"))
-    assert len(files) == 3
-    for path in files:
-        name = path.stem.split("-", 2)[2]
-        assert protocol.FAILED not in protocol.read(path), protocol.read(path)
-        protocol.judge_file(name, path, GRADING_VARIANT)
+    observe_in_a_fresh_kernel(_KERNEL_WITHOUT_REFERENCE, tmp_path, GRADING_VARIANT, 3)

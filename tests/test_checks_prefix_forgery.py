@@ -5,10 +5,7 @@ on another variant fails, and the observing half runs where the reference does n
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +14,7 @@ import pytest
 import torch
 from forgery_tools import judge as _judge
 from forgery_tools import observation as _observation
+from forgery_tools import observe_in_a_fresh_kernel
 
 from autograder.bugzoo import VARIANTS, graded_objects
 from autograder.checks import protocol
@@ -276,21 +274,5 @@ def _solution_cells(notebook: str) -> str:
 
 
 def test_observes_without_the_reference_and_is_judged_elsewhere(tmp_path) -> None:
-    script = tmp_path / "kernel.py"
-    script.write_text(_KERNEL_WITHOUT_REFERENCE)
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(GRADING_VARIANT)],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        input=_solution_cells("02") + "\n# ===== notebook 05 =====\n" + _solution_cells("05"),
-        env={**os.environ, "PYTHONPATH": str(root)},
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    files = sorted(tmp_path.glob("*.safetensors"))
-    assert len(files) == 4
-    for path in files:
-        name = path.stem.split("-", 2)[2]
-        assert protocol.FAILED not in protocol.read(path), protocol.read(path)
-        protocol.judge_file(name, path, GRADING_VARIANT)
+    cells = _solution_cells("02") + "\n# ===== notebook 05 =====\n" + _solution_cells("05")
+    observe_in_a_fresh_kernel(_KERNEL_WITHOUT_REFERENCE, tmp_path, GRADING_VARIANT, 4, cells)
