@@ -45,6 +45,7 @@ from autograder.checks.harness import (
     student_call,
 )
 from autograder.checks.models import KINDS, Batch, tiny_model, tiny_models
+from autograder.checks.prefix import _mask_check
 from autograder.checks.protocol import MalformedObservation, Observed, run_check
 from autograder.checks.recording import record
 from course.compat import kv_geometry
@@ -780,28 +781,7 @@ def _rows_got_their_slots(
 
 def _mask_is_extended(label: str, calls: list[_Call], batch: Batch, p: int) -> None:
     visible = next(c for c in calls if c.layer == 0).visible
-    b, t = batch.shape
-    if visible is None:
-        raise AssertionError(f"{label}: attention received no mask although the batch is padded")
-    mask = batch.attention_mask.bool()
-    causal = torch.ones(t, t, dtype=torch.bool).tril()
-    want = torch.cat(
-        [torch.ones(b, t, p, dtype=torch.bool), causal[None] & mask[:, None, :]], dim=2
-    )
-    for row in range(b):
-        for q in range(t):
-            if not mask[row, q]:
-                continue
-            wrong = (visible[row, q] != want[row, q]).nonzero().flatten().tolist()
-            if wrong:
-                k = wrong[0]
-                what = f"prefix position {k}" if k < p else f"token {k - p}"
-                should = "see" if want[row, q, k] else "not see"
-                raise AssertionError(
-                    f"{label}: row {row}, token {q} should {should} {what}, but the mask says "
-                    f"otherwise — is attention_mask extended by {p} ones in front (shape (B, P+T) "
-                    f"= ({b}, {p + t})) so that the mask lines up with the cache?"
-                )
+    _mask_check(label, visible, batch.attention_mask, p)
 
 
 def _positions_per_row(label: str, got: torch.Tensor | None, lengths: list[int], t: int) -> None:
