@@ -39,6 +39,19 @@ def judge(check: str, data: dict, seed: int = 0) -> None:
     protocol.judge_observation(protocol.resolve(check)[1], data, seed)
 
 
+def assert_forgery_refused(check: str, data: dict, forge, seed: int) -> None:
+    """``forge(data)`` (a genuine observation of ``check`` on variant ``seed``) must fail its
+    judge as a wrong answer: an ``AssertionError`` that is not merely "malformed"."""
+    forge(data)
+    try:
+        judge(check, data, seed)
+    except protocol.MalformedObservation as err:
+        raise AssertionError(f"the forgery was only refused as malformed: {err}") from None
+    except AssertionError:
+        return
+    raise AssertionError(f"{check}: the judge accepted a forged observation")
+
+
 def observe_in_a_fresh_kernel(
     source: str, folder: Path, seed: int, count: int, stdin: str | None = None
 ) -> None:
