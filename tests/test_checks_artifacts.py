@@ -173,3 +173,24 @@ def test_graded_scores_use_a_fresh_draw_of_hidden_inputs(tiny_lm, monkeypatch):
         artifacts.generate_scores(generate, tok, "data_to_text", N)
     assert seen[0] == public  # a student's own run: the split as published
     assert not set(seen[1]) & set(public) and seen[1] == seen[2] != seen[3]
+
+
+def test_graded_scores_draw_from_the_graders_secret_not_the_variant(tiny_lm, monkeypatch):
+    """A kernel knows the variant; the scored inputs come from a secret it does not know."""
+    from autograder.checks.harness import variant, with_grader_secret
+
+    model, tok = tiny_lm
+    seen: list[list[str]] = []
+    real = get_task("data_to_text").score
+
+    def score(self, predictions, examples):
+        seen.append([e.prompt for e in examples])
+        return real(predictions, examples)
+
+    monkeypatch.setattr(type(get_task("data_to_text")), "score", score)
+    generate = lambda ids, mask, n: ids[:, :1]  # noqa: E731
+    for secret in (11, 11, 12, None):
+        with variant(918273), with_grader_secret(secret):
+            artifacts.generate_scores(generate, tok, "data_to_text", N)
+    from_secret, again, other, from_variant = seen
+    assert from_secret == again != other and from_secret != from_variant

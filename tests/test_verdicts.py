@@ -296,3 +296,28 @@ def test_a_nested_observation_header_is_malformed(tmp_path) -> None:
     path = tmp_path / "0-0000-check_answer.safetensors"
     save_file({}, str(path), metadata={"observation": deep})
     assert _answers_question(path, "nb01_q1") is False
+
+
+def test_the_grader_keeps_a_secret_the_kernel_never_sees(tmp_path, monkeypatch) -> None:
+    """The variant seed goes to the kernel (it observes on it); artifacts are scored on inputs
+    drawn from a second secret that stays in the grader, so a kernel cannot fit to them."""
+    from autograder.pipeline import verdicts
+
+    seen = []
+    real = protocol.judge_file
+
+    def judge_file(name, path, seed, params=None, secret=None):
+        seen.append((seed, secret))
+        return real(name, path, seed, params, secret)
+
+    monkeypatch.setattr(verdicts.protocol, "judge_file", judge_file)
+    dump = "import os\nprint('ENV', ' '.join(sorted(os.environ.values())))"
+    nb = _notebook(attack=dump)
+    run = GradedExecute(timeout=60)
+    nb, _ = run.preprocess(nb, {"metadata": {"path": str(tmp_path)}})
+    printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    env = next(line for line in printed.splitlines() if line.startswith("ENV"))
+    assert seen and all(isinstance(s, int) and s != v for v, s in seen)
+    (seed, secret), *_ = seen
+    assert str(seed) in env.split()  # the kernel has the variant ...
+    assert str(secret) not in env  # ... never the grader's secret

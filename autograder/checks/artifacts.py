@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import course
-from autograder.checks.harness import current_variant, describe, seeded
+from autograder.checks.harness import current_variant, describe, grader_secret, seeded
 from autograder.checks.protocol import MalformedObservation, Observed, run_check
 from course.compat import cache_keyword, kv_geometry, make_cache
 from course.data import get_task
@@ -142,14 +142,18 @@ def generate_scores(
     device: torch.device | None = None,
 ) -> dict:
     """Greedy generation on ``n`` examples of the hidden split, scored by the task: its first
-    ``n`` in a student's own run (variant 0), a fresh draw from the grading run's secret variant
-    when graded (:meth:`course.data.Task.sample`), so that no public list holds the scored inputs.
+    ``n`` in a student's own run (variant 0); when graded, a fresh draw
+    (:meth:`course.data.Task.sample`) from the grader's own secret, which no kernel sees — not
+    from the variant, which the kernel knows and could fit an artifact to.
 
     ``generate(input_ids, attention_mask, max_new_tokens)`` gets left-padded ``(B, T)`` inputs
     and returns the new tokens ``(B, N)``; decoding stops at the tokenizer's eos.
     """
     task = get_task(task_name)
-    if current_variant() == 0:
+    secret = grader_secret()
+    if secret is not None:  # graded: inputs no kernel can compute (it knows the variant)
+        examples = task.sample("test", n, secret)
+    elif current_variant() == 0:
         examples = task.examples("test", n)
     else:
         examples = task.sample("test", n, seeded(SAMPLE_INPUT))

@@ -28,12 +28,14 @@ __all__ = [
     "CheckFailure",
     "current_variant",
     "describe",
+    "grader_secret",
     "max_diff",
     "name_of",
     "sandbox",
     "seeded",
     "student_call",
     "variant",
+    "with_grader_secret",
 ]
 
 NOT_IMPLEMENTED = "not implemented yet: fill in the YOUR CODE HERE cell of {}"
@@ -49,6 +51,27 @@ def variant(seed: int) -> Iterator[None]:
         yield
     finally:
         _VARIANT.pop()
+
+
+_GRADER_SECRET: list[int | None] = [None]
+
+
+@contextlib.contextmanager
+def with_grader_secret(secret: int | None) -> Iterator[None]:
+    """Make ``secret`` — a number only the grader process holds, never given to a kernel (the
+    variant is: the kernel needs it to observe) — available to judges while the block runs."""
+    _GRADER_SECRET.append(secret)
+    try:
+        yield
+    finally:
+        _GRADER_SECRET.pop()
+
+
+def grader_secret() -> int | None:
+    """The grader's own secret in force (None outside grading): what a judge draws inputs from
+    when the kernel must not be able to compute them, e.g. the inputs a trained artifact is
+    scored on (a kernel that knew them could fit its artifact to them)."""
+    return _GRADER_SECRET[-1]
 
 
 def current_variant() -> int:

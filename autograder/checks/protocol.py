@@ -40,7 +40,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from autograder.checks.harness import CheckFailure, sandbox, variant
+from autograder.checks.harness import CheckFailure, sandbox, variant, with_grader_secret
 
 __all__ = [
     "CHANNEL_ENV",
@@ -324,8 +324,11 @@ def judge_observation(
     data: Mapping[str, Any],
     seed: int,
     params: Mapping[str, Any] | None = None,
+    secret: int | None = None,
 ) -> None:
     """Judge ``data`` on variant ``seed``; raises ``AssertionError`` with the student's message.
+    ``secret``: the grader's own secret for this run, which no kernel sees
+    (:func:`~autograder.checks.harness.grader_secret`).
 
     ``params`` are the grader's own settings for this use of the check (a question id, a task
     name), passed to the judge as keywords; under grading they come from the grader's copy of
@@ -333,7 +336,7 @@ def judge_observation(
     if FAILED in data:
         message = data[FAILED]
         raise CheckFailure(message if isinstance(message, str) else "the check failed")
-    with sandbox(), variant(seed):
+    with sandbox(), variant(seed), with_grader_secret(secret):
         judge(Observed(data), **dict(params or {}))
 
 
@@ -388,10 +391,16 @@ def capture(name: str, objects: tuple, channel: tuple[Path, int]) -> Path:
     return path
 
 
-def judge_file(name: str, path: Path, seed: int, params: Mapping[str, Any] | None = None) -> None:
+def judge_file(
+    name: str,
+    path: Path,
+    seed: int,
+    params: Mapping[str, Any] | None = None,
+    secret: int | None = None,
+) -> None:
     """In the grader: judge the observation of check ``name`` stored at ``path``."""
     _, judge = resolve(name)
-    judge_observation(judge, read(path), seed, params)
+    judge_observation(judge, read(path), seed, params, secret)
 
 
 def scratch_channel() -> Path:

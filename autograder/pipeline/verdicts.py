@@ -253,7 +253,8 @@ class GradedExecute(ResilientExecute):
         self._channel = protocol.scratch_channel()
         self._channel_id = _identity(self._channel)
         self._store = Path(tempfile.mkdtemp(prefix="verdicts-kept-"))
-        self._seed = secrets.randbelow(2**62) + 1
+        self._seed = secrets.randbelow(2**62) + 1  # the kernel gets it: it observes on it
+        self._secret = secrets.randbelow(2**62) + 1  # never leaves this process
         self._cells: dict[int, _Cell] = {}
         self._kept = 0
         self._passed: dict[str, bool] = {}
@@ -397,7 +398,7 @@ class GradedExecute(ResilientExecute):
                 " — review by hand",
             )
         try:
-            protocol.judge_file(item.name, paths[0], self._seed, params)
+            protocol.judge_file(item.name, paths[0], self._seed, params, self._secret)
         except protocol.MalformedObservation as err:
             return _ours(TAMPERING, f"tampering suspected: {item.label}: {err} — review by hand")
         except AssertionError as err:
