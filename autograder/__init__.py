@@ -23,8 +23,9 @@ saved study) are the kernel's word, checked for structure and consistency only; 
 per process (no cgroups); a notebook that copies a classmate's code is plagiarism, which no
 behaviour check can tell from honest work — and so is one that copies :mod:`autograder.reference`,
 which this installed package still contains (hidden only from grading kernels) until a student
-package without it exists. Trained artifacts are scored on inputs drawn from a secret no kernel sees; a
-submission nbgrader cannot grade scores 0 and is marked for review, never keeping an earlier score.
+package without it exists. Trained artifacts are scored on inputs drawn from a secret no kernel
+sees; a submission nbgrader cannot grade scores 0 and is marked for review, never keeping an
+earlier score.
 
 Packages: :mod:`autograder.checks` (observe/judge pairs, one module per notebook),
 :mod:`autograder.reference` (one module per concept), :mod:`autograder.bugzoo` (known-buggy twins
