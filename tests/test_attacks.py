@@ -157,6 +157,10 @@ def test_attack_outcomes_are_reported(attacked) -> None:
     linker = results["attack-copy-through-symlinks"].status
     assert "left out of the submission" in linker and "a symlink" in linker, linker
     assert "timestamp.txt" in linker
+    # active content Formgrader would serve from the instructor's origin is never copied in
+    assert "figure.html" in linker and "figure.svg" in linker, linker
+    graded = scratch.autograded / "attack-copy-through-symlinks" / ASSIGNMENT
+    assert not list(graded.glob("figure.*"))
     assert "malformed" in results["attack-deep-json"].status
     # rewritten nbgrader flags are restored from the release: graded as released, and said so
     flipped = results["flipped"]
@@ -167,8 +171,13 @@ def test_attack_outcomes_are_reported(attacked) -> None:
 
 
 def _nbgrader_fails(job):
+    """A worker's job that fails, after noting the score the gradebook holds while it runs (an
+    instructor who interrupts a stuck regrade finds that one)."""
     from autograder.pipeline.grade import JobResult
 
+    with Course.at(job.root).gradebook() as gb:
+        during = gb.find_submission(job.assignment, job.student).score
+    (Path(job.root) / "score-during-the-run.txt").write_text(str(during))
     return JobResult(False, "simulated nbgrader failure", "-", 0.0)
 
 
@@ -185,6 +194,7 @@ def test_a_regrade_that_fails_keeps_no_earlier_score(attacked, monkeypatch) -> N
     again, _ = grade(scratch, resubmitted, [ASSIGNMENT], workers=1)
     (victim,) = [r for r in again if r.student == "victim"]
     assert _auto(victim)[0] == 0, victim.status
+    assert float((scratch.root / "score-during-the-run.txt").read_text()) == 0
     assert "simulated nbgrader failure" in victim.status, victim.status
     assert "review by hand" in victim.status, victim.status
     assert not (scratch.autograded / "victim" / ASSIGNMENT).exists()

@@ -321,3 +321,40 @@ def test_the_grader_keeps_a_secret_the_kernel_never_sees(tmp_path, monkeypatch) 
     (seed, secret), *_ = seen
     assert str(seed) in env.split()  # the kernel has the variant ...
     assert str(secret) not in env  # ... never the grader's secret
+
+
+def test_a_kernel_gets_no_credentials_from_the_graders_environment(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FAKE_INSTRUCTOR_TOKEN", "planted-token-value")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "planted-aws-value")
+    monkeypatch.setenv("SOME_OTHER_SETTING", "planted-other-value")
+    monkeypatch.setenv("HF_TOKEN", "planted-hf-value")
+    dump = "import os\nprint('ENV', sorted(os.environ.items()))"
+    nb, _ = GradedExecute(timeout=60).preprocess(
+        _notebook(attack=dump), {"metadata": {"path": str(tmp_path)}}
+    )
+    printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+    assert "ENV" in printed and "'PATH'" in printed
+    assert "planted" not in printed, printed
+
+
+def test_kernel_environment_keeps_what_libraries_read_and_drops_credentials() -> None:
+    from autograder.pipeline.sandbox import kernel_environment
+
+    env = {
+        "PATH": "/bin", "HOME": "/root", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+        "COURSE_BACKBONE": "tiny", "LC_ALL": "C", "HF_TOKEN": "x", "GITHUB_TOKEN": "x",
+        "AWS_SECRET_ACCESS_KEY": "x", "OPENAI_API_KEY": "x", "DATABASE_URL": "x",
+    }  # fmt: skip
+    assert sorted(kernel_environment(env)) == [
+        "COURSE_BACKBONE", "HF_HUB_OFFLINE", "HOME", "LC_ALL", "OMP_NUM_THREADS", "PATH",
+    ]  # fmt: skip
+
+
+def test_a_notebook_past_its_time_budget_stops_and_scores_what_ran(tmp_path) -> None:
+    slow = "import time\ntime.sleep(4)"
+    graded = _grade(_notebook(attack=slow), tmp_path, notebook_timeout=2)
+    for grade_id in ("test_freeze", "test_q1"):
+        score, outputs = graded[grade_id]
+        assert score == 0 and outputs[0].ename == "NotebookTimeUp", outputs
+        assert "used up its grading time (2 s)" in outputs[0].evalue
+    assert _grade(_notebook(), tmp_path, notebook_timeout=60)["test_freeze"][0] == 2

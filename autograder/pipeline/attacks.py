@@ -227,6 +227,9 @@ def _files(folder: Path, victim: str, assignment: str, course: Course) -> None:
     (folder / "gradebook.txt").symlink_to(course.state / "gradebook.db")
     (folder / "loop").symlink_to("..")
     (folder / "timestamp.txt").write_text("2000-01-01 00:00:00.000000 UTC")
+    script = "<script>fetch('/api/contents').then(r => r.text()).then(alert)</script>"
+    (folder / "figure.html").write_text(f"<html><body>{script}</body></html>")
+    (folder / "figure.svg").write_text(f'<svg xmlns="http://www.w3.org/2000/svg">{script}</svg>')
 
 
 def with_attack(nb: NotebookNode, source: str, label: str) -> NotebookNode:

@@ -37,6 +37,7 @@ from autograder.pipeline.sandbox import (
     SandboxError,
     SandboxSpec,
     default_spec,
+    kernel_environment,
 )
 
 KERNEL_DIED = "KernelDied"
@@ -44,6 +45,7 @@ KERNEL_UNRESPONSIVE = "KernelUnresponsive"
 KERNEL_UNAVAILABLE = "KernelUnavailable"
 KERNEL_ERRORS = (KERNEL_DIED, KERNEL_UNRESPONSIVE, KERNEL_UNAVAILABLE)
 TIMEOUT = "CellTimeoutError"
+NOTEBOOK_TIME_UP = "NotebookTimeUp"
 EVENTS_KEY = "autograder"
 """Notebook metadata key where the grader records what it did to which cell."""
 
@@ -83,6 +85,12 @@ class ResilientExecute(Execute):
 
     max_restarts = Integer(
         3, help="Kernel restarts allowed per notebook; later cells are then not run."
+    ).tag(config=True)
+
+    notebook_timeout = Integer(
+        900,
+        help="Seconds one notebook may use in all (restarts and replays included); cells not "
+        "started by then are not run (and score 0). The per-cell limit is `timeout`.",
     ).tag(config=True)
 
     warm_kernels = Bool(
@@ -136,7 +144,9 @@ class ResilientExecute(Execute):
         )
 
     async def async_start_new_kernel(self, **kwargs: Any) -> None:
-        """Start the kernel, sandboxed unless ``sandbox`` is False."""
+        """Start the kernel, sandboxed unless ``sandbox`` is False, with only the part of the
+        grader's environment a kernel needs (:func:`.sandbox.kernel_environment`)."""
+        kwargs["env"] = kernel_environment(dict(kwargs.get("env") or os.environ))
         if self.sandbox:
             if not isinstance(self.km, warm.SandboxKernelManager):
                 raise SandboxError(
@@ -160,6 +170,7 @@ class ResilientExecute(Execute):
         self._restarts = 0
         self._kernel_lost = False
         self._timed_out = False
+        self._deadline = monotonic() + self.notebook_timeout
         self._events: list[dict[str, Any]] = []
         nb.metadata.pop(EVENTS_KEY, None)  # only the grader writes there (a student's is dropped)
         try:
@@ -188,6 +199,15 @@ class ResilientExecute(Execute):
                 index,
                 KERNEL_UNAVAILABLE,
                 "not run: the kernel could not be restored after an earlier crash or hang",
+            )
+            return cell, resources
+        if monotonic() > self._deadline:
+            cell.outputs = []
+            self.grader_error(
+                cell,
+                index,
+                NOTEBOOK_TIME_UP,
+                f"not run: the notebook used up its grading time ({self.notebook_timeout} s)",
             )
             return cell, resources
         self._timed_out = False

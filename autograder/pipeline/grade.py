@@ -30,6 +30,7 @@ from autograder.pipeline.execute import (
     KERNEL_DIED,
     KERNEL_UNAVAILABLE,
     KERNEL_UNRESPONSIVE,
+    NOTEBOOK_TIME_UP,
     TIMEOUT,
     grader_events,
 )
@@ -137,6 +138,10 @@ def execution_issues(notebook: Path, name: str) -> list[Issue]:
             return issues
         elif ename == TIMEOUT:
             issues.append(Issue("timeout", name, f"{where} was stopped at the time limit"))
+        elif ename == NOTEBOOK_TIME_UP:
+            detail = f"{where} and the cells after it were not run: {evalue.split(': ', 1)[-1]}"
+            issues.append(Issue("timeout", name, detail))
+            return issues
     return issues
 
 
@@ -321,6 +326,8 @@ def grade(
         if not s.gradable:
             _record_missing(course, s)
             progress(f"{s.student}/{s.assignment}: nothing gradable handed in")
+        else:  # until nbgrader records the new scores: an interrupted run leaves no old ones
+            _record_missing(course, s, review=True)
     if course.config().ResilientExecute.get("warm_kernels", True):
         # One zygote for this process: the workers forked below fork their kernels from it,
         # and its imports overlap nbgrader's start-up (autograder.pipeline.warm).

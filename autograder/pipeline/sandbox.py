@@ -110,6 +110,7 @@ __all__ = [
     "SandboxUnavailable",
     "default_spec",
     "enter",
+    "kernel_environment",
     "kernel_uid",
     "status",
 ]
@@ -122,6 +123,35 @@ COURSE_PACKAGES = ("course", "autograder")
 
 DEFAULT_HIDDEN = ("autograder/reference", "autograder/answers.py", "autograder/bugzoo")
 """Paths (relative to :data:`PACKAGE_ROOT`) a kernel must not read: empty in the sandbox."""
+
+KERNEL_ENV_NAMES = frozenset(
+    {
+        "PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TERM", "TMPDIR", "USER", "LOGNAME", "SHELL",
+        "LD_LIBRARY_PATH", "VIRTUAL_ENV", "CONDA_PREFIX", "JUPYTER_PATH", "JUPYTER_CONFIG_DIR",
+        "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR",
+    }
+)  # fmt: skip
+KERNEL_ENV_PREFIXES = (
+    "LC_", "PYTHON", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "TORCH", "PYTORCH_", "CUDA_",
+    "NVIDIA_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "TQDM_", "MPL", "MATPLOTLIB", "JPY_",
+    "COURSE_", "NBGRADER_", "XDG_", "AUTOGRADER_",
+)  # fmt: skip
+SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "KEY", "AUTH", "COOKIE")
+
+
+def kernel_environment(env: dict[str, str]) -> dict[str, str]:
+    """The part of the grader's environment a grading kernel gets: what Python, torch, the
+    Hugging Face libraries, Jupyter and the course read (:data:`KERNEL_ENV_NAMES`,
+    :data:`KERNEL_ENV_PREFIXES`), never a name that looks like a credential
+    (:data:`SECRET_WORDS`, e.g. ``HF_TOKEN``). Everything else in the instructor's shell (cloud
+    keys, tokens) would otherwise reach student code, which can print it into its feedback."""
+    return {
+        k: v
+        for k, v in env.items()
+        if (k in KERNEL_ENV_NAMES or k.startswith(KERNEL_ENV_PREFIXES))
+        and not any(word in k.upper() for word in SECRET_WORDS)
+    }
+
 
 ETC_FILES = (
     "ld.so.cache",

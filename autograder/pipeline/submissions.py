@@ -101,6 +101,28 @@ MAX_NOTEBOOK_BYTES = 64 << 20
 """Largest notebook file that is read."""
 
 
+KEPT_SUFFIXES = (
+    ".ipynb",
+    ".pt",
+    ".pth",
+    ".safetensors",
+    ".bin",
+    ".json",
+    ".csv",
+    ".txt",
+    ".npy",
+    ".npz",
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".gif",
+)
+"""What a hand-in may hold: notebooks, trained artifacts and their stamps, data and raster
+images. Anything else (HTML, SVG, XML, JavaScript, PDF...) is left out: nbgrader copies a
+submission's files to ``autograded/`` and ``feedback/``, and Formgrader serves them from the
+instructor's own Jupyter origin, where a script would act with the instructor's session."""
+
+
 def copy_submission(source: Path, dest: Path) -> list[str]:
     """Copy the plain files and folders of ``source`` to ``dest`` (made here); return what was
     left out and why. Nothing is followed: a symlink is never a way into another folder."""
@@ -130,6 +152,8 @@ def copy_submission(source: Path, dest: Path) -> list[str]:
                 skipped.append(f"{shown} ({kind})")
             elif rel == Path(".") and name == "timestamp.txt":
                 skipped.append(f"{shown} (the grader records the submission time itself)")
+            elif not name.lower().endswith(KEPT_SUFFIXES):
+                skipped.append(f"{shown} (not a notebook, artifact, data or image file)")
             elif info.st_size > MAX_FILE_BYTES:
                 skipped.append(f"{shown} ({info.st_size >> 20} MB, more than the limit)")
             elif total + info.st_size > MAX_TOTAL_BYTES or count >= MAX_FILES:
@@ -331,8 +355,8 @@ def stage(
         return staged
     skipped = copy_submission(source_dir, dest)
     if skipped:
-        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
-        shown = ", ".join(skipped[:5]) + more
+        more = f" and {len(skipped) - 8} more" if len(skipped) > 8 else ""
+        shown = ", ".join(skipped[:8]) + more
         staged.issues.append(Issue("code", "*", f"left out of the submission: {shown}"))
     removed = strip_code(dest)
     if removed:

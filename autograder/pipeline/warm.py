@@ -408,7 +408,9 @@ class Zygote:
         self.folder = tempfile.mkdtemp(prefix="warm-kernels-")
         self.address = str(Path(self.folder) / "zygote.sock")
         self.log = Path(self.folder) / "zygote.log"
-        self.env = _import_env(dict(os.environ, MPLBACKEND=os.environ.get("MPLBACKEND", "")))
+        # started with what a grading kernel gets (no credentials): its kernels inherit its imports
+        environment = sandbox.kernel_environment(dict(os.environ))
+        self.env = _import_env(dict(environment, MPLBACKEND=environment.get("MPLBACKEND", "")))
         self.files = _grader_files()  # a kernel started after an edit must see the new code
         blocked = _module_names(self.blocked)
         code = (
@@ -422,6 +424,7 @@ class Zygote:
                 stdout=log,
                 stderr=log,
                 cwd=self.folder,  # not the grader's folder: nothing there may shadow an import
+                env=environment,
                 start_new_session=True,
             )
         self._ready = False
