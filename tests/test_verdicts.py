@@ -358,3 +358,30 @@ def test_a_notebook_past_its_time_budget_stops_and_scores_what_ran(tmp_path) -> 
         assert score == 0 and outputs[0].ename == "NotebookTimeUp", outputs
         assert "used up its grading time (2 s)" in outputs[0].evalue
     assert _grade(_notebook(), tmp_path, notebook_timeout=60)["test_freeze"][0] == 2
+
+
+@pytest.mark.parametrize(
+    ("raised", "ename"),
+    [
+        (RuntimeError("Double did not match Float"), "AssertionError"),
+        (KeyError("models"), "GraderError"),
+    ],
+)
+def test_odd_outputs_fail_their_check_and_grader_bugs_are_flagged(
+    raised, ename, tmp_path, monkeypatch
+) -> None:
+    """A dtype or shape the judge cannot compare (float64 tensors) fails that check with a
+    hint, never as the grader's fault; anything else stays a grader error for review."""
+    from autograder.pipeline import verdicts
+
+    def judge_file(name, path, seed, params=None, secret=None):
+        if name == "check_freeze_backbone":
+            raise raised
+
+    monkeypatch.setattr(verdicts.protocol, "judge_file", judge_file)
+    graded = _grade(_notebook(), tmp_path)
+    score, outputs = graded["test_freeze"]
+    assert score == 0 and outputs[-1].ename == ename, outputs
+    if ename == "AssertionError":
+        assert "check the dtype and shape" in outputs[-1].evalue
+    assert graded["test_q1"][0] == 1

@@ -403,6 +403,18 @@ class GradedExecute(ResilientExecute):
             return _ours(TAMPERING, f"tampering suspected: {item.label}: {err} — review by hand")
         except AssertionError as err:
             return error_output("AssertionError", str(err)), False
+        except (RuntimeError, TypeError, ValueError, IndexError) as err:
+            # what torch raises on values of an unexpected dtype or shape (float64 hidden
+            # states, a ragged list): the student's output, not the grader, is what differs.
+            # (The solutions and the must-pass variants show these judges do not raise on
+            # valid outputs; a grader bug of this kind would fail them in the test suite.)
+            self.log.warning("judging %s: %r", item.label, err)
+            detail = (
+                f"{item.label}: your output could not be compared with the expected one "
+                f"({type(err).__name__}: {str(err)[:300]}) — check the dtype and shape of what "
+                "your function returns"
+            )
+            return error_output("AssertionError", detail), False
         except Exception as err:  # noqa: BLE001 - a grader bug must not look like a pass
             self.log.error("judging %s failed", item.label, exc_info=True)
             detail = f"the grader could not judge {item.label}: {type(err).__name__}: {err}"
