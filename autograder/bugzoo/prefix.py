@@ -184,8 +184,8 @@ def prefix_needs_labels(model, encoder, input_ids, attention_mask, labels=None):
     cache = build_prefix_cache(encoder(), input_ids.shape[0], _dtype(model))
     out = _run(model, input_ids, attention_mask, None, cache)
     shifted = labels[:, 1:].flatten()
-    out.loss = nn.functional.cross_entropy(
-        out.logits[:, :-1].flatten(0, 1), shifted, ignore_index=IGNORE_INDEX
+    out.loss = nn.functional.cross_entropy(  # in float32, as transformers computes it
+        out.logits[:, :-1].float().flatten(0, 1), shifted, ignore_index=IGNORE_INDEX
     )
     return out
 

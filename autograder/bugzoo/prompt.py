@@ -217,6 +217,7 @@ BUGS = [
         caught_by=("check_prepend_prompt",),
         message_contains="extend the mask",
         also_fails=("check_peft_prompt_equivalence", "check_prompt_equivalence"),
+        downstream=("check_prompt_training",),  # their training uses this prepend
     ),
     Bug(
         name="prompt_labels_not_masked",
@@ -226,6 +227,7 @@ BUGS = [
         caught_by=("check_prepend_prompt",),
         message_contains="-100",
         also_fails=("check_peft_prompt_equivalence",),
+        downstream=("check_prompt_training",),  # their training uses this prepend
     ),
     Bug(
         name="prompt_detached",
@@ -243,6 +245,7 @@ BUGS = [
         caught_by=("check_prepend_prompt",),
         message_contains="AFTER",
         also_fails=("check_peft_prompt_equivalence", "check_prompt_equivalence"),
+        downstream=("check_prompt_training",),  # their training uses this prepend
     ),
     Bug(
         name="prompt_scaled",
@@ -255,6 +258,7 @@ BUGS = [
             "check_peft_prompt_equivalence",
         ),
         message_contains="unscaled",
+        downstream=("check_prompt_training",),  # their training uses this prepend
     ),
     Bug(
         name="prompt_built_as_prefix",
@@ -267,6 +271,7 @@ BUGS = [
         caught_by=("check_prepend_prompt",),
         message_contains="key/value",
         also_fails=("check_peft_prompt_equivalence", "check_prompt_equivalence"),
+        downstream=("check_prompt_training",),  # their training uses this prepend
     ),
     Bug(
         name="load_prompt_ignores_dtype",

@@ -240,10 +240,11 @@ def with_attack(nb: NotebookNode, source: str, label: str) -> NotebookNode:
 
 
 def make_attack_students(
-    course: Course, assignment: str, out: Path, victim: str, port: int = 0
+    course: Course, assignment: str, out: Path, victim: str, port: int = 0, oracle: bool = True
 ) -> dict[str, str]:
     """One BLANK student per attack (``attack-<name>``), without artifacts; returns
-    ``{student: attack}``."""
+    ``{student: attack}``. ``oracle``: also the student whose solutions call the grader's own
+    reference (meaningful only where grading hides it, as ``grade`` does)."""
     pairs = notebooks_of(course, assignment)
     students = {}
     for name, source in ATTACKS.items():
@@ -254,9 +255,9 @@ def make_attack_students(
         if name == "copy-through-symlinks":
             _files(folder, victim, assignment, course)
         students[student] = name
-    oracle = {n: _with_oracles(released) for n, (released, _) in pairs.items()}
-    if any(o is not None for o in oracle.values()):
-        folder = write_submission(course, out, "attack-oracle", assignment, oracle, False)
+    oracles = {n: _with_oracles(released) for n, (released, _) in pairs.items()}
+    if oracle and any(o is not None for o in oracles.values()):
+        write_submission(course, out, "attack-oracle", assignment, oracles, False)
         students["attack-oracle"] = "oracle"
     deep = {n: "[" * 200_000 for n in pairs}
     write_submission(course, out, "attack-deep-json", assignment, deep, artifacts=False)

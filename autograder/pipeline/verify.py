@@ -335,7 +335,14 @@ def _verify_assignment(
         except CourseError as err:
             raise CourseError(f"bug {name} ({assignment}): {err}") from err
         classroom.write_submission(course, out, f"bug-{name}", assignment, buggy)
-    attackers = attacks.make_attack_students(course, assignment, out, "solution") if bugs else {}
+    # No oracle here: verify shows kernels the reference (its bug-zoo students import the zoo),
+    # so a student calling the reference would score; tests/test_attacks.py grades that one with
+    # the reference hidden, as `grade` does.
+    attackers = (
+        attacks.make_attack_students(course, assignment, out, "solution", oracle=False)
+        if bugs
+        else {}
+    )
     cases = 2 + len(bugs) + len(attackers)
     progress(f"{assignment}: grading {cases} case(s) with {workers} worker(s)")
     refusal = sandbox_refusal(course)
