@@ -149,11 +149,10 @@ def test_stamps_round_trip_and_reject_junk(tiny_lm, tmp_path):
         read_stamp(target)
 
 
-def test_graded_scores_use_a_fresh_draw_of_hidden_inputs(tiny_lm, monkeypatch):
-    """A student could train on the public test split; grading scores inputs drawn per run."""
-    from autograder.checks.harness import variant
-
-    model, tok = tiny_lm
+def _scored_inputs(tiny_lm, monkeypatch):
+    """``score_once()`` runs ``generate_scores`` in the context in force; ``seen`` collects the
+    prompts each run scored."""
+    _, tok = tiny_lm
     seen: list[list[str]] = []
     real = get_task("data_to_text").score
 
@@ -163,14 +162,19 @@ def test_graded_scores_use_a_fresh_draw_of_hidden_inputs(tiny_lm, monkeypatch):
 
     monkeypatch.setattr(type(get_task("data_to_text")), "score", score)
     generate = lambda ids, mask, n: ids[:, :1]  # noqa: E731
+    return (lambda: artifacts.generate_scores(generate, tok, "data_to_text", N)), seen
+
+
+def test_graded_scores_use_a_fresh_draw_of_hidden_inputs(tiny_lm, monkeypatch):
+    """A student could train on the public test split; grading scores inputs drawn per run."""
+    from autograder.checks.harness import variant
+
+    score_once, seen = _scored_inputs(tiny_lm, monkeypatch)
     public = [e.prompt for e in get_task("data_to_text").examples("test", N)]
-    artifacts.generate_scores(generate, tok, "data_to_text", N)
-    with variant(918273):
-        artifacts.generate_scores(generate, tok, "data_to_text", N)
-    with variant(918273):
-        artifacts.generate_scores(generate, tok, "data_to_text", N)
-    with variant(5):
-        artifacts.generate_scores(generate, tok, "data_to_text", N)
+    score_once()
+    for v in (918273, 918273, 5):
+        with variant(v):
+            score_once()
     assert seen[0] == public  # a student's own run: the split as published
     assert not set(seen[1]) & set(public) and seen[1] == seen[2] != seen[3]
 
@@ -179,18 +183,9 @@ def test_graded_scores_draw_from_the_graders_secret_not_the_variant(tiny_lm, mon
     """A kernel knows the variant; the scored inputs come from a secret it does not know."""
     from autograder.checks.harness import variant, with_grader_secret
 
-    model, tok = tiny_lm
-    seen: list[list[str]] = []
-    real = get_task("data_to_text").score
-
-    def score(self, predictions, examples):
-        seen.append([e.prompt for e in examples])
-        return real(predictions, examples)
-
-    monkeypatch.setattr(type(get_task("data_to_text")), "score", score)
-    generate = lambda ids, mask, n: ids[:, :1]  # noqa: E731
+    score_once, seen = _scored_inputs(tiny_lm, monkeypatch)
     for secret in (11, 11, 12, None):
         with variant(918273), with_grader_secret(secret):
-            artifacts.generate_scores(generate, tok, "data_to_text", N)
+            score_once()
     from_secret, again, other, from_variant = seen
     assert from_secret == again != other and from_secret != from_variant
