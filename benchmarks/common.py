@@ -19,6 +19,17 @@ HEADER = (
 )
 
 
+def result_header(model: str, device: str | None) -> dict:
+    """What every benchmark's JSON result opens with: backbone, device, machine, date."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return {
+        "model": model,
+        "device": dev.type,
+        "machine": machine_description(dev),
+        "date": str(date.today()),
+    }
+
+
 def machine_description(device: torch.device | str = "cpu") -> str:
     """CPU model and cores (or the GPU name), torch and transformers versions."""
     dev = torch.device(device)

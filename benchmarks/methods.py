@@ -32,12 +32,11 @@ import sys
 import tempfile
 import time
 import warnings
-from datetime import date
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import machine_description, write_section
+from benchmarks.common import result_header, write_section
 
 METHODS = ("prompt", "prefix", "prefix_reparam", "lora", "full")
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "course" / "assets" / "results"
@@ -443,12 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     compare = None
     if args.peft_compare or args.model == "tiny":
         compare = _child(["--worker", "peft", *common])
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result = {
-        "model": args.model,
-        "device": device.type,
-        "machine": machine_description(device),
-        "date": str(date.today()),
+        **result_header(args.model, args.device),
         "seed": args.seed,
         "settings": {k: cfg[k] for k in ("batch", "n_eval", "eval_every", "lr")},
         "rows": rows,
@@ -464,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
         f" --device {args.device}" if args.device else ""
     )
     section = "methods" if args.model == "tiny" else f"methods-{args.model}"
-    if device.type == "cuda":
+    if result["device"] == "cuda":
         section += "-cuda"
     write_section(section, command, text)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

@@ -17,11 +17,10 @@ import json
 import os
 import time
 import warnings
-from datetime import date
 
 import torch
 
-from benchmarks.common import machine_description, write_section
+from benchmarks.common import result_header, write_section
 from benchmarks.methods import RESULTS_DIR
 
 INIT_TEXT = " Describe the restaurant in one sentence."
@@ -83,12 +82,8 @@ def main() -> None:
         )
         for r in rows[sweep]:
             print(f"{r['label']}: slot {r['slot_accuracy']:.1f}", flush=True)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     result = {
-        "model": args.model,
-        "device": device.type,
-        "machine": machine_description(device),
-        "date": str(date.today()),
+        **result_header(args.model, args.device),
         "steps": args.steps,
         "batch": args.batch,
         "n_eval": args.n_eval,
@@ -119,7 +114,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        section = f"sweeps-{args.model}" + ("-cuda" if device.type == "cuda" else "")
+        section = f"sweeps-{args.model}" + ("-cuda" if result["device"] == "cuda" else "")
         write_section(
             section,
             f"python -m benchmarks.sweeps --model {args.model} --steps {args.steps}",
