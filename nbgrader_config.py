@@ -6,8 +6,9 @@ nbgrader reads this file only from the current directory: run ``nbgrader ...`` f
 - ``solutions/NN_name/`` are the instructor sources, ``notebooks/NN_name/`` the student releases.
 - The gradebook lives in ``.nbgrader/`` (git-ignored); ``?timeout=60`` lets several autograde
   processes share the sqlite file.
-- Grading kernels inherit this process's environment: warnings and progress bars are switched
-  off there, because nbgrader scores a test cell 0 as soon as it writes anything to stderr.
+- Grading kernels get the part of this process's environment that libraries read, with warnings
+  and progress bars switched off (nbgrader scores a test cell 0 as soon as it writes anything to
+  stderr). Loading this file changes nothing in the server's own environment.
 - A cell that crashes the kernel or keeps running after the timeout's interrupt no longer aborts
   the whole submission: ``ResilientExecute`` records the error in that cell, restarts the kernel,
   runs the earlier cells again and carries on.
@@ -18,10 +19,9 @@ nbgrader reads this file only from the current directory: run ``nbgrader ...`` f
   transformers, the course and the checks, which saves about 8 s per notebook; each notebook
   still gets its own kernel process (``autograder/pipeline/warm.py``).
 - Files a student saved next to the notebook (``prefix.pt`` ...) are never overwritten by the
-  instructor's copies of the same name.
+  instructor's copies of the same name, and the instructor's copies never enter a release.
 """
 
-import os
 import sys
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from nbgrader import preprocessors  # noqa: E402
 from autograder.pipeline.coursedir import ARTIFACT_PATTERNS  # noqa: E402
 from autograder.pipeline.feedback import HideHiddenTests  # noqa: E402
 from autograder.pipeline.outputs import LimitOutputBytes, SanitizeStudentContent  # noqa: E402
+from autograder.pipeline.release import keep_artifacts_out_of_releases  # noqa: E402
 from autograder.pipeline.verdicts import GradedExecute  # noqa: E402
 
 c = get_config()  # noqa: F821  (provided by traitlets when it executes this file)
@@ -64,16 +65,20 @@ c.Autograde.autograde_preprocessors = [
     preprocessors.CheckCellMetadata,
 ]
 
-# Stderr noise must not zero a passing test cell.
-os.environ["PYTHONWARNINGS"] = "ignore"
-os.environ["TQDM_DISABLE"] = "1"
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Stderr noise must not zero a passing test cell. Grading kernels get PYTHONWARNINGS=ignore,
+# TQDM_DISABLE=1 and TRANSFORMERS_VERBOSITY=error in their own environment
+# (autograder.pipeline.sandbox.GRADING_ENV); this file never changes os.environ, so a JupyterLab
+# or Formgrader server that loads it keeps progress bars and warnings in students' kernels.
 c.IgnorePattern.enabled = True
 c.IgnorePattern.pattern = r"[A-Za-z]*Warning\b|warnings\.warn|\d+%\|.*\|"
 
 # Deleted graded cells come back from the gradebook. (``python -m autograder grade`` puts back
 # every deleted nbgrader cell before nbgrader runs; this covers the plain ``nbgrader`` CLI.)
 c.OverwriteCells.add_missing_cells = True
+
+# The instructor's trained prompt.pt / prefix.pt... never enter a release, by any route
+# (Formgrader's "Generate" and the plain `nbgrader generate_assignment` included).
+keep_artifacts_out_of_releases()
 
 # A student's saved artifacts win over the instructor's files of the same name.
 c.Autograde.exclude_overwriting = {

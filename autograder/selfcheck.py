@@ -79,19 +79,24 @@ def hidden(name: str, *objects: object, **params: object) -> None:
     print(f"✓ {_summary(check)}")
 
 
-def check_answer(question_id: str, answer: object) -> bool:
-    """Say whether ``answer`` is right for ``question_id`` (printed), and return it."""
+def check_answer(question_id: str, answer: object) -> None:
+    """Say whether ``answer`` is right for ``question_id``: prints ``✓`` when it is, and raises
+    ``AssertionError`` when it is wrong or missing, so the cell fails (and so does nbgrader's
+    Validate) without the key being revealed. Returns nothing, so no bare ``Out:`` line."""
     if _captured("check_answer", (question_id, answer)):
-        return True
+        return
     from autograder import answers
 
-    try:
-        right = answers.is_correct(question_id, answer)
-    except KeyError:
-        print(f"? {question_id}: this question has no stored answer key; ask your instructor")
-        return False
-    if right:
-        print(f"✓ {question_id}: correct")
-    else:
-        print(f"✗ {question_id}: not quite — reread the section and try again")
-    return right
+    if question_id not in answers.KEYS:
+        raise AssertionError(
+            f"{question_id}: this question has no stored answer key; ask your instructor"
+        )
+    empty = isinstance(answer, (str, list, set, tuple)) and not answer
+    if answer is None or answer is Ellipsis or empty:
+        raise AssertionError(f"{question_id}: no answer yet: set it in the cell above")
+    if not answers.is_correct(question_id, answer):
+        raise AssertionError(
+            f"✗ {question_id}: {answers.normalize(answer)!r} is not the answer; reread the "
+            "section and try again"
+        ) from None
+    print(f"✓ {question_id}: correct")

@@ -64,6 +64,23 @@ def set_cell(nb: nbformat.NotebookNode, grade_id: str, source: str) -> nbformat.
 
 
 # --- release ---------------------------------------------------------------------------------
+def test_plain_nbgrader_generate_leaves_the_instructors_artifacts_out(tmp_path: Path) -> None:
+    """Formgrader's "Generate" and ``nbgrader generate_assignment`` use nbgrader_config.py
+    directly: the instructor's trained ``answer.pt`` must not reach the release there either."""
+    course = make_course(tmp_path / "course")
+    (course.solutions / ASSIGNMENT / "answer.pt.backbone.json").write_text("{}")
+    (course.solutions / ASSIGNMENT / "data.txt").write_text("a file students need")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-m", "nbgrader", "generate_assignment", ASSIGNMENT, "--force"],
+        cwd=course.root, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    release = course.notebooks / ASSIGNMENT
+    assert sorted(p.name for p in release.iterdir()) == ["99_fixture.ipynb", "data.txt"]
+    assert "Not released: answer.pt" in done.stderr
+
+
 def test_release_is_deterministic_and_check_finds_stale_notebooks(tmp_path: Path) -> None:
     course = make_course(tmp_path / "course")
     first = cli(course, "release")
@@ -86,6 +103,7 @@ def test_release_is_deterministic_and_check_finds_stale_notebooks(tmp_path: Path
     assert check.returncode == 0 and "up to date" in check.stdout
 
     source = course.solutions / ASSIGNMENT / f"{ASSIGNMENT}.ipynb"
+    original = source.read_text()
     nbformat.write(
         set_cell(
             nbformat.read(source, as_version=4),
@@ -98,6 +116,20 @@ def test_release_is_deterministic_and_check_finds_stale_notebooks(tmp_path: Path
     assert stale.returncode == 1
     assert f"stale: notebooks/{ASSIGNMENT}/{ASSIGNMENT}.ipynb" in stale.stdout
     assert "test_cube" in stale.stdout
+
+    source.write_text(original)  # undo: up to date again
+    saved = nbformat.read(released(course), as_version=4)  # as JupyterLab saves it after Validate
+    saved.metadata["language_info"] = {"name": "python", "version": "3.11.7", "mimetype": "x"}
+    saved.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    for cell in saved.cells:
+        cell.metadata["trusted"] = True
+    released(course).write_text(nbformat.writes(saved, version=4).replace("\n ", "\n  "))
+    assert cli(course, "release", "--check").returncode == 0, "a saved notebook is not stale"
+    code = next(c for c in saved.cells if c.cell_type == "code")
+    code.outputs = [nbformat.v4.new_output("stream", text="16\n")]
+    nbformat.write(saved, released(course))
+    with_outputs = cli(course, "release", "--check")
+    assert with_outputs.returncode == 1 and "1 cell(s) changed" in with_outputs.stdout
 
     lacking = tmp_path / "lacking"
     (lacking / ASSIGNMENT).mkdir(parents=True)

@@ -30,14 +30,20 @@ def test_run_reraises_the_checks_message(capfd) -> None:
 
 
 def test_check_answer_right_wrong_and_unknown(monkeypatch, capsys) -> None:
+    """A right answer prints ✓ and returns None (no bare ``Out:`` line); a wrong, missing or
+    unknown one fails the cell (so nbgrader's Validate fails too) without naming the key."""
     monkeypatch.setitem(answers.KEYS, "test_q1", answers.make_key("test_q1", ["b", "d"]))
-    assert selfcheck.check_answer("test_q1", {"D", " b"}) is True
-    assert selfcheck.check_answer("test_q1", "b") is False
-    assert selfcheck.check_answer("no_such_question", "a") is False
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "✓ test_q1: correct"
-    assert lines[1].startswith("✗ test_q1: not quite")
-    assert lines[2].startswith("? no_such_question")
+    assert selfcheck.check_answer("test_q1", {"D", " b"}) is None
+    assert capsys.readouterr().out.splitlines() == ["✓ test_q1: correct"]
+    with pytest.raises(AssertionError, match=r"✗ test_q1: 'b' is not the answer") as info:
+        selfcheck.check_answer("test_q1", "b")
+    assert "d" not in str(info.value).split("'b'")[1].split(";")[0]  # the key is not named
+    for missing in (None, ..., "", []):
+        with pytest.raises(AssertionError, match="test_q1: no answer yet"):
+            selfcheck.check_answer("test_q1", missing)
+    with pytest.raises(AssertionError, match="no_such_question: this question has no stored"):
+        selfcheck.check_answer("no_such_question", "a")
+    assert capsys.readouterr().out == ""
 
 
 def test_keys_are_salted_hashes_of_normalised_answers() -> None:

@@ -347,7 +347,34 @@ def test_kernel_environment_keeps_what_libraries_read_and_drops_credentials() ->
     }  # fmt: skip
     assert sorted(kernel_environment(env)) == [
         "COURSE_BACKBONE", "HF_HUB_OFFLINE", "HOME", "LC_ALL", "OMP_NUM_THREADS", "PATH",
+        "PYTHONWARNINGS", "TQDM_DISABLE", "TRANSFORMERS_VERBOSITY",
     ]  # fmt: skip
+    quiet = kernel_environment({"TQDM_DISABLE": "0", "PYTHONWARNINGS": "default"})
+    assert quiet["TQDM_DISABLE"] == "1" and quiet["PYTHONWARNINGS"] == "ignore"
+
+
+def test_loading_the_nbgrader_config_leaves_the_servers_environment_alone() -> None:
+    """A JupyterLab or Formgrader server loads nbgrader_config.py; its students' kernels must
+    keep their progress bars and warnings (only grading kernels are silenced)."""
+    import os
+    import subprocess
+    import sys
+
+    from autograder.pipeline.coursedir import REPO_ROOT
+
+    config = str(REPO_ROOT / "nbgrader_config.py")
+    code = (
+        "import json, os; from traitlets.config import Config; before = dict(os.environ); "
+        f"ns = {{'get_config': Config, '__file__': {config!r}}}; "
+        f"exec(open({config!r}).read(), ns); after = dict(os.environ); "
+        "print(json.dumps(sorted(k for k in {*before, *after} if before.get(k) != after.get(k))))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "PYTHONWARNINGS")}
+    env.pop("TRANSFORMERS_VERBOSITY", None)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_a_notebook_past_its_time_budget_stops_and_scores_what_ran(tmp_path) -> None:

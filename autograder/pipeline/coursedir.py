@@ -164,8 +164,8 @@ def prepare_environment(course: Course) -> None:
     """Set up this process so nbgrader and its grading kernels work from any directory.
 
     ``alembic`` (needed when a gradebook is created) sits next to this Python; kernels must
-    import ``course`` and ``autograder`` from this repository; warnings and progress bars
-    would write to stderr, which zeroes a passing test cell.
+    import ``course`` and ``autograder`` from this repository. (Warnings and progress bars are
+    switched off in the grading kernels' own environment: ``sandbox.GRADING_ENV``.)
     """
     bin_dir = str(Path(sys.executable).parent)
     path = os.environ.get("PATH", "").split(os.pathsep)
@@ -177,8 +177,6 @@ def prepare_environment(course: Course) -> None:
     for entry in (str(course.root), str(REPO_ROOT)):
         if entry not in sys.path:
             sys.path.insert(0, entry)
-    os.environ["PYTHONWARNINGS"] = "ignore"
-    os.environ["TQDM_DISABLE"] = "1"
 
 
 @contextlib.contextmanager

@@ -32,6 +32,10 @@ from autograder.pipeline.submissions import grade_id
 
 VOLATILE_CELL_METADATA = ("execution", "ExecuteTime", "collapsed", "scrolled", "trusted")
 VOLATILE_NOTEBOOK_METADATA = ("widgets", "toc", "varInspector")
+SAVED_BY_CLIENTS = ("language_info",)
+"""Notebook metadata JupyterLab, Jupyter Notebook and Colab fill in when they open or save a
+notebook (``language_info``: the kernel's Python version...). A saved student notebook that
+differs only there is not stale."""
 IGNORED_NAMES = (".ipynb_checkpoints", "__pycache__", ".DS_Store")
 
 
@@ -48,6 +52,22 @@ def normalise(nb: NotebookNode) -> NotebookNode:
     return nb
 
 
+def _same_notebook(a: Path, b: Path) -> bool:
+    """Whether two notebooks are equal once what a client adds on save is set aside
+    (:data:`SAVED_BY_CLIENTS`, widget state, cell run metadata); outputs still count."""
+    try:
+        first, second = (nbformat.read(path, as_version=4) for path in (a, b))
+    except Exception:
+        return False
+    for nb in (first, second):
+        for key in (*SAVED_BY_CLIENTS, *VOLATILE_NOTEBOOK_METADATA):
+            nb.metadata.pop(key, None)
+        for cell in nb.cells:
+            for key in VOLATILE_CELL_METADATA:
+                cell.metadata.pop(key, None)
+    return first == second
+
+
 def _released_files(folder: Path) -> list[Path]:
     """The files of a generated assignment that belong in ``notebooks/``, relative paths."""
     files = []
@@ -57,6 +77,37 @@ def _released_files(folder: Path) -> list[Path]:
             continue
         files.append(relative)
     return files
+
+
+def keep_artifacts_out_of_releases() -> None:
+    """Make every ``generate_assignment`` in this process leave saved artifacts out of the
+    release (Formgrader's "Generate" button and the plain ``nbgrader generate_assignment``
+    included): after nbgrader copies the assignment's other files, the instructor's trained
+    ``prompt.pt``, ``prefix.pt``... (:data:`ARTIFACT_PATTERNS`) are removed from the release and
+    named in the log. ``nbgrader_config.py`` calls this.
+
+    (``CourseDirectory.ignore`` cannot do it: nbgrader applies the same list when it copies a
+    student's files for autograding, where the student's saved artifacts must be kept.)
+    """
+    from nbgrader.converters import GenerateAssignment
+
+    if getattr(GenerateAssignment.init_assignment, "_drops_artifacts", False):
+        return
+    copy_files = GenerateAssignment.init_assignment
+
+    def init_assignment(self, assignment_id: str, student_id: str) -> None:
+        copy_files(self, assignment_id, student_id)
+        released = Path(self._format_dest(assignment_id, student_id))
+        for path in sorted(released.rglob("*")):
+            if path.is_file() and is_artifact(path):
+                path.unlink()
+                self.log.warning(
+                    "Not released: %s (a saved training artifact; students make their own)",
+                    path.relative_to(released),
+                )
+
+    init_assignment._drops_artifacts = True
+    GenerateAssignment.init_assignment = init_assignment
 
 
 def build(course: Course, assignments: Sequence[str], out: Path) -> None:
@@ -145,6 +196,8 @@ def compare(expected: Path, actual: Path, assignments: Sequence[str]) -> list[st
             new, old = expected / assignment / relative, actual / assignment / relative
             if filecmp.cmp(new, old, shallow=False):
                 continue
+            if relative.suffix == ".ipynb" and _same_notebook(new, old):
+                continue  # saved by JupyterLab or Colab: same cells, client metadata added
             detail = (
                 _describe_notebook_change(old, new) if relative.suffix == ".ipynb" else "differs"
             )

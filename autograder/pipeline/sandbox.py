@@ -110,6 +110,7 @@ __all__ = [
     "SandboxUnavailable",
     "default_spec",
     "enter",
+    "GRADING_ENV",
     "kernel_environment",
     "kernel_uid",
     "status",
@@ -136,6 +137,15 @@ KERNEL_ENV_PREFIXES = (
     "NVIDIA_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "TQDM_", "MPL", "MATPLOTLIB", "JPY_",
     "COURSE_", "NBGRADER_", "XDG_", "AUTOGRADER_",
 )  # fmt: skip
+GRADING_ENV: dict[str, str] = {
+    "PYTHONWARNINGS": "ignore",
+    "TQDM_DISABLE": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
+"""Settings of grading kernels only: nbgrader scores a test cell 0 as soon as it writes to
+stderr, where warnings and progress bars go. They are added to a grading kernel's environment
+(:func:`kernel_environment`), never to the process that loads ``nbgrader_config.py`` (a
+JupyterLab server's kernels keep their warnings and progress bars)."""
 SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "KEY", "AUTH", "COOKIE")
 
 
@@ -143,14 +153,16 @@ def kernel_environment(env: dict[str, str]) -> dict[str, str]:
     """The part of the grader's environment a grading kernel gets: what Python, torch, the
     Hugging Face libraries, Jupyter and the course read (:data:`KERNEL_ENV_NAMES`,
     :data:`KERNEL_ENV_PREFIXES`), never a name that looks like a credential
-    (:data:`SECRET_WORDS`, e.g. ``HF_TOKEN``). Everything else in the instructor's shell (cloud
-    keys, tokens) would otherwise reach student code, which can print it into its feedback."""
-    return {
+    (:data:`SECRET_WORDS`, e.g. ``HF_TOKEN``), plus :data:`GRADING_ENV`. Everything else in the
+    instructor's shell (cloud keys, tokens) would otherwise reach student code, which can print
+    it into its feedback."""
+    kept = {
         k: v
         for k, v in env.items()
         if (k in KERNEL_ENV_NAMES or k.startswith(KERNEL_ENV_PREFIXES))
         and not any(word in k.upper() for word in SECRET_WORDS)
     }
+    return {**kept, **GRADING_ENV}
 
 
 ETC_FILES = (
