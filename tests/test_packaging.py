@@ -1,4 +1,4 @@
-"""The two install routes (pip / conda) must ask for the same versions."""
+"""The install routes (pip / conda, student / instructor) must ask for the same versions."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ def _split(req: str) -> tuple[str, str]:
 
 def test_environment_yml_matches_pyproject():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    pip_reqs = dict(_split(r) for r in pyproject["project"]["dependencies"])
+    instructor = pyproject["project"]["optional-dependencies"]["instructor"]
+    pip_reqs = dict(_split(r) for r in [*pyproject["project"]["dependencies"], *instructor])
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     conda = {}
     for dep in env["dependencies"]:

@@ -210,15 +210,21 @@ def release(
 ) -> list[str]:
     """Write (or with ``check``, compare against) ``notebooks/``; returns the problems found.
 
-    Writing returns no problems. Checking returns one line per stale, missing or extra file.
+    Writing first brings each solution notebook's install cell and Colab badge in line with
+    ``[tool.soft-prompts-course]`` (:mod:`autograder.pipeline.colab`), then returns no problems.
+    Checking returns one line per stale, missing or extra file.
     """
+    from autograder.pipeline.colab import sync_solutions
+
     selected = course.resolve(assignments)
     if not check:
+        sync_solutions(course.root, course.solutions, selected, check=False)
         build(course, selected, course.notebooks)
         return []
+    problems = sync_solutions(course.root, course.solutions, selected, check=True)
     with tempfile.TemporaryDirectory(prefix="release-check-") as tmp:
         build(course, selected, Path(tmp))
-        return compare(Path(tmp), course.notebooks, selected)
+        return problems + compare(Path(tmp), course.notebooks, selected)
 
 
 def written_files(course: Course, assignments: Sequence[str]) -> list[str]:
