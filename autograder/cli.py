@@ -1,6 +1,7 @@
 """``python -m autograder``: the instructor's commands over nbgrader.
 
     release [--check]                     build notebooks/ from solutions/ (or check it)
+    package [--unlock NN ...] [--out DIR] the student wheel (no answers) and notebooks
     verify  [--assignment NN] [--quick]   solutions pass, blanks and known bugs fail
     grade   SUBMISSIONS [--workers N] [--assignment NN] [--csv FILE] [--no-feedback] [--unsafe]
     demo                                  release, grade a generated class, print the table
@@ -32,6 +33,21 @@ def _parser() -> argparse.ArgumentParser:
     release = commands.add_parser("release", help="generate notebooks/ from solutions/")
     release.add_argument("--check", action="store_true", help="fail if notebooks/ is stale")
     release.add_argument("--assignment", action="append", help="NN or NN_name (repeatable)")
+
+    package = commands.add_parser(
+        "package", help="build what students get: a wheel without the answers, the notebooks"
+    )
+    package.add_argument(
+        "--unlock",
+        nargs="+",
+        default=[],
+        metavar="NN",
+        help="notebooks already due whose reference later notebooks build on (03 and 05 need "
+        "01 02)",
+    )
+    package.add_argument(
+        "--out", type=Path, default=Path("dist/student"), help="output folder (%(default)s)"
+    )
 
     verify = commands.add_parser("verify", help="prove the tests are not vacuous")
     verify.add_argument("--assignment", action="append", help="NN or NN_name (repeatable)")
@@ -88,6 +104,28 @@ def _release(course: Course, args: argparse.Namespace) -> int:
     for path in written_files(course, selected):
         print(f"wrote {path}")
     print(f"released {len(selected)} assignment(s) in {took:.1f} s")
+    return 0
+
+
+def _package(course: Course, args: argparse.Namespace) -> int:
+    from autograder.pipeline.package import build_student_package
+
+    start = time.perf_counter()
+    summary = build_student_package(course, args.out, args.unlock)
+    wheel = summary["wheel"]
+    print(
+        f"wrote {wheel} ({wheel.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - start:.0f} s)"
+    )
+    print(f"wrote {args.out / 'notebooks'}/ and {args.out / 'MANIFEST.txt'}")
+    print(f"reference included for: {', '.join(summary['unlocked']) or 'no notebook'}")
+    for notebook, missing in summary["waiting"].items():
+        print(
+            f"note: {notebook} needs --unlock {' '.join(n[:2] for n in missing)} once those are due"
+        )
+    print(
+        "students: upload the wheel in Colab's Files pane (or publish it and set "
+        "[tool.soft-prompts-course] install), or `pip install` it"
+    )
     return 0
 
 
@@ -148,7 +186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     warnings.filterwarnings("ignore", module="nbformat")
     warnings.filterwarnings("ignore", message=".*not in session.*")  # nbgrader's SQLAlchemy use
-    commands = {"release": _release, "verify": _verify, "grade": _grade, "demo": _demo}
+    commands = {
+        "release": _release,
+        "package": _package,
+        "verify": _verify,
+        "grade": _grade,
+        "demo": _demo,
+    }
     try:
         course = Course.at(args.root)
         prepare_environment(course)

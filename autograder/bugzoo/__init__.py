@@ -20,8 +20,7 @@ Use::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from autograder import reference
+from typing import Any
 
 __all__ = ["BUGS", "GRADED", "VARIANTS", "Bug", "Variant", "graded_objects"]
 
@@ -102,6 +101,8 @@ class Variant:
 
 def graded_objects(bug: Bug | Variant | None = None) -> dict[str, object]:
     """The reference's graded objects by name, with ``bug``'s replacements swapped in."""
+    from autograder import reference
+
     objects = {name: getattr(reference, name) for name in GRADED}
     if bug is not None:
         objects.update(bug.replaces)
@@ -127,20 +128,27 @@ def _registry() -> dict[str, Bug]:
     return bugs
 
 
-BUGS: dict[str, Bug] = _registry()
-
-
 def _variants() -> dict[str, Variant]:
     from autograder.bugzoo import debugging, deep, experiments, frozen, prefix, prompt, serving
 
     variants: dict[str, Variant] = {}
     for module in (frozen, prompt, prefix, deep, experiments, serving, debugging):
         for variant in getattr(module, "VARIANTS", ()):
-            if variant.name in variants or variant.name in BUGS:
+            if variant.name in variants or variant.name in __getattr__("BUGS"):
                 raise ValueError(f"duplicate variant name {variant.name!r}")
             variants[variant.name] = variant
     return variants
 
 
-VARIANTS: dict[str, Variant] = _variants()
-"""Valid-but-unusual implementations every check must pass (see :class:`Variant`)."""
+_LAZY = {"BUGS": _registry, "VARIANTS": _variants}
+"""``BUGS`` (every known mistake) and ``VARIANTS`` (valid-but-unusual implementations every
+check must pass) are built on first use, so that one part of the zoo (the broken releases of
+notebook 05, :mod:`autograder.bugzoo.incidents`) imports without the others."""
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'autograder.bugzoo' has no attribute {name!r}")
+    value = _LAZY[name]()
+    globals()[name] = value
+    return value

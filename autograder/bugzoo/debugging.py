@@ -18,32 +18,9 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from autograder import reference
 from autograder.bugzoo import Bug, Variant
-from autograder.bugzoo.frozen import freeze_with_eval
-from autograder.bugzoo.prefix import (
-    prefix_as_input_embeddings,
-    prefix_cache_reused,
-    prefix_layer0_only,
-    prefix_mask_not_extended,
-    prefix_no_dtype_cast,
-    prefix_positions_from_zero,
-    prefix_shared_by_layers,
-)
+from autograder.bugzoo.incidents import INCIDENTS
 
 __all__ = ["BUGS", "INCIDENTS", "VARIANTS"]
-
-INCIDENTS: dict[str, object] = {
-    "INC-1": prefix_layer0_only,
-    "INC-2": prefix_shared_by_layers,
-    "INC-3": prefix_as_input_embeddings,
-    "INC-4": prefix_mask_not_extended,
-    "INC-5": prefix_positions_from_zero,
-    "INC-6": prefix_cache_reused,
-    "INC-7": prefix_no_dtype_cast,
-    "INC-8": freeze_with_eval,
-}
-"""Incident id -> the broken release's function: a ``prefix_forward(model, encoder, input_ids,
-attention_mask, labels=None)``, or for INC-8 a ``freeze_backbone(model)``. (The lab's INC-9,
-gradient checkpointing, breaks the student's own fixed ``prefix_forward``.)"""
 
 
 # --- the cache-based forward, under checkpointing ----------------------------------------------
@@ -218,6 +195,15 @@ BUGS = [
 ]
 
 VARIANTS = [
+    Variant(  # notebook 05's reference, so it lives here (a package with 02 unlocked lacks it)
+        name="prefix_inside_attention",
+        description=(
+            "prefix_forward is the checkpoint-safe form of notebook 05: a registered attention "
+            "function puts the prefix in front of the keys/values (no cache at all)"
+        ),
+        notebook="02",
+        replaces={"prefix_forward": reference.checkpoint_safe_prefix_forward},
+    ),
     Variant(
         name="checkpointing_paused_for_the_call",
         description=(

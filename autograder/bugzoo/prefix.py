@@ -14,7 +14,6 @@ from autograder.reference import (
     IGNORE_INDEX,
     PrefixEncoder,
     build_prefix_cache,
-    checkpoint_safe_prefix_forward,
 )
 from course.compat import cache_keyword, kv_geometry, make_cache
 
@@ -804,15 +803,6 @@ VARIANTS = [
         description="prefix_forward passes no position ids: the model starts after the cache",
         notebook="02",
         replaces={"prefix_forward": prefix_forward_positions_from_cache},
-    ),
-    Variant(
-        name="prefix_inside_attention",
-        description=(
-            "prefix_forward is the checkpoint-safe form of notebook 05: a registered attention "
-            "function puts the prefix in front of the keys/values (no cache at all)"
-        ),
-        notebook="02",
-        replaces={"prefix_forward": checkpoint_safe_prefix_forward},
     ),
     Variant(
         name="generate_greedy_by_hand",

@@ -64,11 +64,38 @@ _WHERE: dict[str, str] = {
 __all__ = sorted(name for name in _WHERE if not name.startswith("_"))
 
 
+NOTEBOOK_OF: dict[str, str] = {
+    "tour": "00_backbone_tour",
+    "common": "01_prompt_tuning",
+    "prompt": "01_prompt_tuning",
+    "prefix": "02_prefix_tuning",
+    "deep": "02_prefix_tuning",
+    "experiments": "03_experiments",
+    "serving": "04_serving",
+    "debugging": "05_debugging",
+}
+"""Concept module -> the notebook whose graded objects it implements. A student package holds
+only the modules of the notebooks its instructor has unlocked (``python -m autograder package
+--unlock``): those already due, whose reference later notebooks build on."""
+
+
 def __getattr__(name: str) -> Any:
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'autograder.reference' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"autograder.reference.{module}"), name)
+    try:
+        concept = importlib.import_module(f"autograder.reference.{module}")
+    except ModuleNotFoundError as err:
+        if err.name != f"autograder.reference.{module}":
+            raise
+        notebook = NOTEBOOK_OF[module]
+        raise ModuleNotFoundError(
+            f"{name} is the reference of notebook {notebook}, which this course package does not "
+            f"include yet: your instructor adds it once {notebook} is due (`python -m autograder "
+            f"package --unlock {notebook[:2]}`)",
+            name=err.name,
+        ) from None
+    value = getattr(concept, name)
     globals()[name] = value
     return value
 
