@@ -20,11 +20,12 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
 
+from autograder.checks import fixtures
 from autograder.checks.frozen import judge_training, observe_training, train_with_grader_optimizer
 from autograder.checks.harness import CheckFailure, describe, max_diff, seeded, student_call
 from autograder.checks.models import KINDS, VOCAB, Batch, tiny_model, tiny_models
@@ -62,11 +63,10 @@ _PROMPT_STD = 0.2
 embedding rows have std 0.2 too)."""
 
 
-def _reference() -> ModuleType:
-    """The reference implementation: judges only (it does not exist in a grading kernel)."""
-    from autograder import reference
-
-    return reference
+def _reference() -> Any:
+    """The reference implementation: judges only (it does not exist in a grading kernel; a
+    student package replays its stored results, :mod:`autograder.checks.fixtures`)."""
+    return fixtures.reference()
 
 
 def _make_prompt(SoftPrompt: type, n_tokens: int, embedding: nn.Embedding, **kwargs) -> nn.Module:
@@ -825,6 +825,10 @@ def check_peft_prompt_equivalence(SoftPrompt: type, prepend_prompt: Callable) ->
 _P_TRAIN = 4
 
 
+_START_SEED = 47
+"""Seeds the soft prompt's values at the start of ``check_prompt_training``."""
+
+
 def _observe_prompt_training_on(
     label: str,
     model: nn.Module,
@@ -837,7 +841,12 @@ def _observe_prompt_training_on(
     def soft_prompt(model: nn.Module) -> nn.Module:
         prompt = _make_prompt(SoftPrompt, _P_TRAIN, model.get_input_embeddings(), seed=0)
         d = model.get_input_embeddings().weight.shape[1]
-        built.append((prompt, _weight(label, prompt, (_P_TRAIN, d), "4, embedding").clone()))
+        # Training starts from the same values whatever the student's random draws (their
+        # initialisation is check_soft_prompt's business): the reference's training from that
+        # start is then known in advance, which the student package's stored results need.
+        start = _prompt_values(_P_TRAIN, d, _START_SEED)
+        weight = _set_values(label, prompt, start, "4, embedding")
+        built.append((prompt, weight.detach().clone()))
         return prompt
 
     def forward(model: nn.Module, prompt: nn.Module, input_ids, attention_mask, labels):

@@ -29,6 +29,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from autograder.checks import fixtures
 from autograder.checks.harness import (
     CheckFailure,
     current_variant,
@@ -145,9 +146,7 @@ def _is_gpt2(model: PreTrainedModel) -> bool:
 # ---------------------------------------------------------------------------------------------
 def expected_groups(model: torch.nn.Module) -> dict[str, int]:
     """What ``count_parameters_by_group(model)`` must return (judge side only)."""
-    from autograder.reference.tour import count_parameters_by_group
-
-    return count_parameters_by_group(model)
+    return fixtures.reference().count_parameters_by_group(model)
 
 
 def _half_frozen(model: torch.nn.Module) -> None:
@@ -523,11 +522,9 @@ def _cache_sizes() -> list[tuple[int, int]]:
 
 def _actual_cache_shapes(model: torch.nn.Module, batch: int, seq: int) -> list[tuple]:
     """The cache shapes ``model`` really builds (judge side only)."""
-    from autograder.reference.tour import cache_shapes
-
     gen = torch.Generator().manual_seed(seeded(56))
     ids = torch.randint(1, model.config.vocab_size, (batch, seq), generator=gen)
-    return cache_shapes(model, ids)
+    return fixtures.reference().cache_shapes(model, ids)
 
 
 def observe_predict_cache_shapes(predict_cache_shapes: Callable) -> dict:
