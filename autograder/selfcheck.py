@@ -12,7 +12,8 @@ scores a test cell 0 when the cell writes to stderr, and the checks silence warn
     selfcheck.hidden("check_prefix_forward", prefix_forward, PrefixEncoder)   # a hidden test
 
     selfcheck.check_answer("nb02_q3", my_answer)
-    # ✓ nb02_q3: correct
+    # ✓ nb02_q3: correct. Prompt: P·d = 10 × 768 = 7,680; prefix: ...
+    # or: AssertionError: ✗ nb02_q3: 'b' is not the answer. Why not (b): ... Reread the section ...
 
 Outside grading each call runs the check here and now: :func:`run` and :func:`hidden` re-raise
 the check's ``AssertionError`` (its message says what was observed, what was expected and the
@@ -28,7 +29,8 @@ hooking anything in the kernel can at most withhold an observation, which the gr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from itertools import combinations
 
 from autograder.checks import protocol
 
@@ -79,10 +81,54 @@ def hidden(name: str, *objects: object, **params: object) -> None:
     print(f"✓ {_summary(check)}")
 
 
+def _explanations(question_id: str) -> dict[str, str]:
+    """Option letter -> why it holds or not, for ``question_id``; empty when none are stored (a
+    student package built before :mod:`autograder.explanations` existed)."""
+    try:
+        from autograder.explanations import EXPLANATIONS
+    except ImportError:
+        return {}
+    return EXPLANATIONS.get(question_id, {})
+
+
+def _key_letters(question_id: str, letters: Iterable[str]) -> frozenset[str]:
+    """The set of option letters the stored key holds (one letter, or several for a multi-select
+    question), found among the subsets of ``letters``; empty if none matches."""
+    from autograder import answers
+
+    options = sorted(letters)
+    for size in range(1, len(options) + 1):
+        for subset in combinations(options, size):
+            if answers.is_correct(question_id, list(subset)):
+                return frozenset(subset)
+    return frozenset()
+
+
+def _wrong(question_id: str, chosen: str) -> str:
+    """The message for a wrong answer: why each chosen option that is not in the key does not
+    hold, never a word of the key's options."""
+    explained = _explanations(question_id)
+    head = f"✗ {question_id}: {chosen!r} is not the answer"
+    if not explained:
+        return f"{head}; reread the section and try again"
+    letters = set(chosen.split(","))
+    options = ", ".join(f"({letter})" for letter in sorted(explained))
+    if not letters <= set(explained):
+        return f"{head}: the options are {options}; set one of those letters"
+    extra = sorted(letters - _key_letters(question_id, explained))
+    if not extra:
+        why = "Each option you chose belongs, but the answer has more."
+    else:
+        why = " ".join(f"Why not ({letter}): {explained[letter]}" for letter in extra)
+    return f"{head}. {why} Reread the section and try again."
+
+
 def check_answer(question_id: str, answer: object) -> None:
-    """Say whether ``answer`` is right for ``question_id``: prints ``✓`` when it is, and raises
-    ``AssertionError`` when it is wrong or missing, so the cell fails (and so does nbgrader's
-    Validate) without the key being revealed. Returns nothing, so no bare ``Out:`` line."""
+    """Say whether ``answer`` is right for ``question_id``: prints ``✓`` and why the chosen
+    option holds when it is, and raises ``AssertionError`` when it is wrong or missing, so the
+    cell fails (and so does nbgrader's Validate). A wrong answer's message says why the option
+    chosen does not hold (:mod:`autograder.explanations`), without naming the key. Returns
+    nothing, so no bare ``Out:`` line."""
     if _captured("check_answer", (question_id, answer)):
         return
     from autograder import answers
@@ -94,9 +140,14 @@ def check_answer(question_id: str, answer: object) -> None:
     empty = isinstance(answer, (str, list, set, tuple)) and not answer
     if answer is None or answer is Ellipsis or empty:
         raise AssertionError(f"{question_id}: no answer yet: set it in the cell above")
+    chosen = answers.normalize(answer)
     if not answers.is_correct(question_id, answer):
-        raise AssertionError(
-            f"✗ {question_id}: {answers.normalize(answer)!r} is not the answer; reread the "
-            "section and try again"
-        ) from None
+        raise AssertionError(_wrong(question_id, chosen)) from None
+    explained = _explanations(question_id)
+    why = [(letter, explained[letter]) for letter in chosen.split(",") if letter in explained]
+    if len(why) == 1:
+        print(f"✓ {question_id}: correct. {why[0][1]}")
+        return
     print(f"✓ {question_id}: correct")
+    for letter, text in why:
+        print(f"  ({letter}) {text}")

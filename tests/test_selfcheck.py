@@ -4,6 +4,7 @@ keys stored only as salted hashes."""
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 
@@ -44,6 +45,66 @@ def test_check_answer_right_wrong_and_unknown(monkeypatch, capsys) -> None:
     with pytest.raises(AssertionError, match="no_such_question: this question has no stored"):
         selfcheck.check_answer("no_such_question", "a")
     assert capsys.readouterr().out == ""
+
+
+def test_check_answer_explains_the_option_chosen(monkeypatch, capsys) -> None:
+    """A wrong answer says why THAT option does not hold, never a word of the key's option; a
+    right one says why it holds; an answer that is no option lists the options."""
+    from autograder import explanations
+
+    monkeypatch.setitem(answers.KEYS, "test_q2", answers.make_key("test_q2", "c"))
+    lines = {"a": "A is too small.", "b": "B counts twice.", "c": "C is the count.", "d": "D."}
+    monkeypatch.setitem(explanations.EXPLANATIONS, "test_q2", lines)
+    with pytest.raises(AssertionError) as info:
+        selfcheck.check_answer("test_q2", "B")
+    message = str(info.value)
+    assert message.startswith("✗ test_q2: 'b' is not the answer. Why not (b): B counts twice.")
+    assert "C is the count" not in message and "(c)" not in message and "'c'" not in message
+    with pytest.raises(AssertionError, match=r"the options are \(a\), \(b\), \(c\), \(d\)"):
+        selfcheck.check_answer("test_q2", "e")
+    selfcheck.check_answer("test_q2", " c")
+    assert capsys.readouterr().out.splitlines() == ["✓ test_q2: correct. C is the count."]
+
+
+def test_check_answer_explains_a_multi_select_answer(monkeypatch, capsys) -> None:
+    from autograder import explanations
+
+    monkeypatch.setitem(answers.KEYS, "test_q3", answers.make_key("test_q3", ["a", "c"]))
+    lines = {"a": "A shares.", "b": "B is private.", "c": "C shares too.", "d": "D is private."}
+    monkeypatch.setitem(explanations.EXPLANATIONS, "test_q3", lines)
+    with pytest.raises(AssertionError) as info:
+        selfcheck.check_answer("test_q3", {"a", "b"})
+    assert "Why not (b): B is private." in str(info.value)
+    assert "A shares" not in str(info.value) and "(a)" not in str(info.value)
+    with pytest.raises(AssertionError, match="belongs, but the answer has more"):
+        selfcheck.check_answer("test_q3", ["c"])
+    selfcheck.check_answer("test_q3", {"c", "a"})
+    assert capsys.readouterr().out.splitlines() == [
+        "✓ test_q3: correct",
+        "  (a) A shares.",
+        "  (c) C shares too.",
+    ]
+
+
+def test_check_answer_without_explanations_still_judges(monkeypatch, capsys) -> None:
+    """A student package built before ``autograder.explanations`` existed: the bare verdict."""
+    monkeypatch.setitem(sys.modules, "autograder.explanations", None)  # import raises
+    with pytest.raises(AssertionError, match=r"^✗ nb00_q1: 'z' is not the answer; reread"):
+        selfcheck.check_answer("nb00_q1", "z")
+    right = next(x for x in "abcd" if answers.is_correct("nb00_q1", x))
+    selfcheck.check_answer("nb00_q1", right)
+    assert capsys.readouterr().out == "✓ nb00_q1: correct\n"
+
+
+def test_check_answer_under_grading_only_records(monkeypatch, capsys) -> None:
+    """In a grading kernel nothing is judged or explained here: the observation goes to the
+    grader (whose verdict rests on its own copy of the keys)."""
+    seen = []
+    monkeypatch.setattr(selfcheck.protocol, "grading_channel", lambda: "channel")
+    monkeypatch.setattr(selfcheck.protocol, "capture", lambda *a: seen.append(a))
+    assert selfcheck.check_answer("nb00_q1", "z") is None
+    assert seen == [("check_answer", ("nb00_q1", "z"), "channel")]
+    assert capsys.readouterr().out == "recorded for the grader: check_answer\n"
 
 
 def test_keys_are_salted_hashes_of_normalised_answers() -> None:

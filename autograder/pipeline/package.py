@@ -37,6 +37,7 @@ ALWAYS: tuple[str, ...] = (
     "autograder/__init__.py",
     "autograder/selfcheck.py",
     "autograder/answers.py",
+    "autograder/explanations.py",  # why each multiple-choice option is right or wrong
     "autograder/checks/**/*.py",
     "autograder/reference/__init__.py",  # names only: says which notebook a missing one is
     "autograder/bugzoo/__init__.py",  # the Bug / Variant records, no implementation
