@@ -21,9 +21,11 @@ import torch
 from torch import nn
 
 import course
+from autograder.checks.fixtures import reference
 from autograder.checks.harness import current_variant, describe, grader_secret, seeded
+from autograder.checks.prefix import FixedPrefix
 from autograder.checks.protocol import MalformedObservation, Observed, run_check
-from course.compat import cache_keyword, kv_geometry, make_cache
+from course.compat import kv_geometry
 from course.data import get_task
 
 __all__ = [
@@ -198,16 +200,12 @@ def _score_prompt(
             f"is {embedding.weight.shape[1]}: it was trained on another backbone"
         )
     vectors = vectors.to(embedding.weight.device, embedding.weight.dtype)
-    p = vectors.shape[0]
+    ref, prompt = reference(), _FixedPrompt(vectors)
 
     def generate(ids: torch.Tensor, mask: torch.Tensor, max_new: int) -> torch.Tensor:
-        soft = vectors.unsqueeze(0).expand(ids.shape[0], -1, -1)
-        return backbone.generate(  # with inputs_embeds only the new tokens come back
-            inputs_embeds=torch.cat([soft, embedding(ids)], 1),
-            attention_mask=torch.cat([mask.new_ones(ids.shape[0], p), mask], 1),
-            max_new_tokens=max_new,
-            **_greedy(tokenizer),
-        )
+        inputs = ref.prepend_prompt(backbone, prompt, ids, mask)
+        # with inputs_embeds only the new tokens come back
+        return backbone.generate(**inputs, max_new_tokens=max_new, **_greedy(tokenizer))
 
     return generate_scores(generate, tokenizer, task_name, n, backbone.device)
 
@@ -224,23 +222,23 @@ def _score_prefix(
             f"({want[0]}, 2, {want[2]}, P, {want[3]}) for this backbone"
         )
     emb = backbone.get_input_embeddings().weight
-    prefix = prefix.to(emb.device, emb.dtype)
-    p = prefix.shape[3]
+    ref, encoder = reference(), FixedPrefix(prefix.to(emb.device, emb.dtype))
 
     def generate(ids: torch.Tensor, mask: torch.Tensor, max_new: int) -> torch.Tensor:
-        b = ids.shape[0]
-        cache = make_cache([(layer[0].expand(b, -1, -1, -1), layer[1].expand(b, -1, -1, -1))
-                            for layer in prefix])  # fmt: skip
-        out = backbone.generate(
-            input_ids=ids,
-            attention_mask=torch.cat([mask.new_ones(b, p), mask], 1),
-            max_new_tokens=max_new,
-            **{cache_keyword(backbone): cache},
-            **_greedy(tokenizer),
-        )
-        return out[:, ids.shape[1] :]
+        return ref.generate_with_prefix(backbone, encoder, ids, mask, max_new, **_greedy(tokenizer))
 
     return generate_scores(generate, tokenizer, task_name, n, backbone.device)
+
+
+class _FixedPrompt(nn.Module):
+    """Stored prompt vectors ``(P, d)`` as the reference's ``prepend_prompt`` takes a prompt."""
+
+    def __init__(self, vectors: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = vectors
+
+    def forward(self, batch: int) -> torch.Tensor:
+        return self.weight.unsqueeze(0).expand(batch, -1, -1)
 
 
 def _require(label: str, score: float, threshold: float, metric: str, n: int, what: str) -> None:
