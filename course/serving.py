@@ -268,6 +268,9 @@ def measure_serving(
 
 
 _STYLE = {"prompt tuning": "C0", "prefix tuning": "C1", "fine-tuned copies": "C2"}
+_LABEL = {"prompt tuning": "prompt tuning, served naively (P soft tokens per request)"}
+"""Legend text: the prompt measured here runs as input positions in every request; compiled
+into a cache once per tenant it would cost what a prefix costs."""
 
 
 def plot_serving(results: Sequence[Measurement], fixed_prompt_len: int = 16,
@@ -286,11 +289,11 @@ def plot_serving(results: Sequence[Measurement], fixed_prompt_len: int = 16,
             if r.method == method and r.prompt_len == fixed_prompt_len
         )
         if len(by_len) > 1:
-            axes[0].plot(*zip(*by_len), "o-", color=color, label=method)
+            axes[0].plot(*zip(*by_len), "o-", color=color, label=_LABEL.get(method, method))
         if by_tenants:
             n, ms, mb = zip(*by_tenants)
-            axes[1].plot(n, ms, "o-", color=color, label=method)
-            axes[2].plot(n, mb, "o-", color=color, label=method)
+            axes[1].plot(n, ms, "o-", color=color, label=_LABEL.get(method, method))
+            axes[2].plot(n, mb, "o-", color=color, label=_LABEL.get(method, method))
     b = results[0].batch if results else 0
     axes[0].set(xlabel="prompt / prefix length P", ylabel="ms per batch",
                 title=f"latency, {fixed_tenants} tenants, batch {b}")  # fmt: skip
