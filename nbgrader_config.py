@@ -45,6 +45,10 @@ c.CourseDirectory.source_directory = "solutions"
 c.CourseDirectory.release_directory = "notebooks"
 (ROOT / ".nbgrader").mkdir(exist_ok=True)
 c.CourseDirectory.db_url = f"sqlite:///{ROOT / '.nbgrader' / 'gradebook.db'}?timeout=60"
+# Submissions arrive as folders (`python -m autograder grade SUBMISSIONS`), not through nbgrader's
+# exchange; a course-local exchange keeps Formgrader from warning about a missing system folder.
+(ROOT / ".nbgrader" / "exchange").mkdir(exist_ok=True)
+c.Exchange.root = str(ROOT / ".nbgrader" / "exchange")
 
 # Execution: a deliberate per-cell limit; interrupt, then recover instead of aborting.
 c.Execute.timeout = 120

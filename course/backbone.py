@@ -273,6 +273,13 @@ def load_backbone(
             "(offline, or HF_HUB_OFFLINE is set). Use name='tiny' for the bundled model, or a "
             "local directory that holds a saved model."
         )
+    from transformers.utils import logging as hf_logging
+
+    # A folder on disk loads in a moment: no "Loading weights" bar, which a saved notebook would
+    # keep as a widget that no longer exists ("Error displaying widget" when reopened).
+    quiet = local and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             choice.source, dtype=torch_dtype, local_files_only=local
@@ -287,6 +294,9 @@ def load_backbone(
         raise BackboneError(
             f"{choice.source!r} is not a causal language model the course can use: {err}"
         ) from err
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"

@@ -182,7 +182,7 @@ def train(
     result = TrainResult()
     start = time.perf_counter()
     iterator = iter(data)
-    bar = tqdm(total=steps, desc=desc, disable=_progress_disabled(), leave=False)
+    bar = _progress_bar(total=steps, desc=desc, disable=_progress_disabled())
     try:
         for step in range(steps):
             try:
@@ -216,9 +216,36 @@ def train(
                 result.stopped = f"time budget of {time_budget_s:g} s reached"
                 break
     finally:
-        bar.close()
-    result.seconds = time.perf_counter() - start
+        result.seconds = time.perf_counter() - start
+        loss = f", loss {result.final_loss:.3f}" if result.losses else ""
+        _close_bar(bar, f"{desc}: {result.steps}/{steps} steps in {result.seconds:.1f} s{loss}")
     return result
+
+
+def _progress_bar(iterable=None, **kwargs):
+    """A tqdm bar (``leave=False``). In a notebook its widget is shown under a display id, so
+    that :func:`_close_bar` can replace it by one line of text: a saved notebook then holds no
+    view of a widget that is gone ("Error displaying widget: model not found" on reopening)."""
+    bar_class = tqdm
+    try:
+        from tqdm.notebook import tqdm as notebook_bar
+    except ImportError:  # no ipywidgets: tqdm.auto is the terminal bar
+        notebook_bar = None
+    if notebook_bar is None or not issubclass(bar_class, notebook_bar) or kwargs.get("disable"):
+        return bar_class(iterable, leave=False, **kwargs)
+    from IPython.display import display
+
+    bar = bar_class(iterable, leave=False, display=False, **kwargs)
+    bar.course_display = display(bar.container, display_id=True)
+    return bar
+
+
+def _close_bar(bar, summary: str) -> None:
+    """Close ``bar``; in a notebook, leave ``summary`` where its widget was."""
+    bar.close()
+    handle = getattr(bar, "course_display", None)
+    if handle is not None:
+        handle.update({"text/plain": summary}, raw=True)
 
 
 @torch.no_grad()
@@ -320,10 +347,9 @@ def evaluate(
         raise ValueError("evaluate needs exactly one of forward= or generate=")
     predictions: list[str] = []
     chunks = range(0, len(examples), batch_size)
-    bar = tqdm(
+    bar = _progress_bar(
         chunks,
         desc=f"evaluating {task.name}",
-        leave=False,
         disable=_progress_disabled() or not show_progress,
     )
     for start in bar:
@@ -334,5 +360,6 @@ def evaluate(
             )
         else:
             predictions += greedy_generate(forward, tokenizer, prompts, task.max_new_tokens, device)
+    _close_bar(bar, f"evaluated {len(examples)} {task.name} examples")
     metrics = task.score(predictions, list(examples))
     return {**metrics, "predictions": predictions}

@@ -11,11 +11,21 @@ Three explorers, each in three layers:
   nbgrader (``NBGRADER_EXECUTION`` set) the explorers draw nothing and return ``None``: nobody
   looks at them there, and a graded run must stay fast.
 
+An explorer's widget holds only its controls. Its figure is an ordinary output right below them
+(an image with a display id, redrawn in place when a control moves), not the content of an
+``Output`` widget: a saved notebook keeps the figure wherever it is opened again — after the
+kernel has stopped, in nbviewer or on GitHub, in Formgrader (which drops widget views) — even
+where the widget state was not saved. The controls themselves come back after the kernel has
+stopped only when JupyterLab saves widget state (Settings → "Save Widget State Automatically",
+i.e. ``@jupyter-widgets/jupyterlab-manager:plugin`` ``saveState``, off by default).
+
 None of this is graded; the forward passes it inspects are the student's own.
 """
 
 from __future__ import annotations
 
+import functools
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -50,6 +60,45 @@ def widgets_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def _explorer_class():
+    """``FigureExplorer``: a ``VBox`` of controls that shows its figure as an ordinary output."""
+    import ipywidgets as w
+    from IPython.display import display, update_display
+
+    class FigureExplorer(w.VBox):
+        """The controls of an explorer; displaying it shows them, then its current figure as an
+        image output with its own display id, which :meth:`show` redraws in place."""
+
+        def __init__(self, rows, name: str):
+            super().__init__(rows)
+            self.figure: Figure | None = None
+            self.display_id = f"course-explorer-{uuid.uuid4().hex}"
+            self._name = name
+            self._shown = False
+
+        def show(self, fig: Figure) -> None:
+            """Make ``fig`` the figure, redrawing every place this explorer is displayed."""
+            self.figure = fig
+            if self._shown:
+                update_display(fig, display_id=self.display_id)
+
+        def _ipython_display_(self):
+            bundle = self._repr_mimebundle_()
+            # what a viewer without widgets shows instead of the controls
+            bundle["text/plain"] = f"[{self._name}: controls that need a running kernel]"
+            display(bundle, raw=True)
+            if self.figure is not None:
+                display(self.figure, display_id=self.display_id)
+                self._shown = True
+
+    return FigureExplorer
+
+
+def _explorer(rows, name: str):
+    return _explorer_class()(rows, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,8 +216,9 @@ def param_explorer(model_or_config=None, static: bool = False):
     """Sliders for the prefix length, the number of prefixed layers and the MLP width, over the
     given model and the presets in :data:`PRESETS`.
 
-    Returns an ipywidgets ``VBox``, or (no ipywidgets, or ``static=True``) the figure for the
-    given model at ``P=10``; ``None`` under nbgrader.
+    Returns an ipywidgets ``VBox`` of the controls (displayed, it shows the figure below them),
+    or (no ipywidgets, or ``static=True``) the figure for the given model at ``P=10``; ``None``
+    under nbgrader.
     """
     if is_grading():
         return None
@@ -185,7 +235,6 @@ def param_explorer(model_or_config=None, static: bool = False):
         return param_figure(choices[first], 10, name=first)
 
     import ipywidgets as w
-    from IPython.display import display
 
     model = w.Dropdown(options=list(choices), value=first, description="model")
     plen = w.IntSlider(10, min=1, max=200, description="prefix P", continuous_update=False)
@@ -194,14 +243,12 @@ def param_explorer(model_or_config=None, static: bool = False):
         description="layers", continuous_update=False,
     )  # fmt: skip
     hidden = w.Dropdown(options=[128, 256, 512, 800], value=512, description="MLP width")
-    out = w.Output()
+    box = _explorer([w.HBox([model, hidden]), w.HBox([plen, layers])], "param_explorer")
 
     def redraw(*_):
         geo = choices[model.value]
         layers.max = geo["n_layers"]
-        with out:
-            out.clear_output(wait=True)
-            display(param_figure(geo, plen.value, layers.value, hidden.value, name=model.value))
+        box.show(param_figure(geo, plen.value, layers.value, hidden.value, name=model.value))
 
     def on_model(change):
         layers.max = choices[change["new"]]["n_layers"]
@@ -211,7 +258,7 @@ def param_explorer(model_or_config=None, static: bool = False):
     for ctl in (model, plen, layers, hidden):
         ctl.observe(redraw, names="value")
     redraw()
-    return w.VBox([w.HBox([model, hidden]), w.HBox([plen, layers]), out])
+    return box
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,25 +417,22 @@ def prefix_attention_explorer(
         return prefix_attention_figure(shares, tokens_of(0))
 
     import ipywidgets as w
-    from IPython.display import display
 
     example = w.IntSlider(0, min=0, max=shares.shape[1] - 1, description="example")
     head = w.Dropdown(
         options=[("mean", -1)] + [(str(h), h) for h in range(shares.shape[2])],
         value=-1, description="head",
     )  # fmt: skip
-    out = w.Output()
+    box = _explorer([w.HBox([example, head])], "prefix_attention_explorer")
 
     def redraw(*_):
-        with out:
-            out.clear_output(wait=True)
-            h = None if head.value < 0 else head.value
-            display(prefix_attention_figure(shares, tokens_of(example.value), example.value, h))
+        h = None if head.value < 0 else head.value
+        box.show(prefix_attention_figure(shares, tokens_of(example.value), example.value, h))
 
     example.observe(redraw, names="value")
     head.observe(redraw, names="value")
     redraw()
-    return w.VBox([w.HBox([example, head]), out])
+    return box
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,19 +519,16 @@ def nearest_tokens_explorer(
         return nearest_tokens_figure(nearest_tokens(vectors, embedding_weight, tokenizer, 5))
 
     import ipywidgets as w
-    from IPython.display import display
 
     k = w.IntSlider(5, min=1, max=10, description="k")
     metric = w.ToggleButtons(options=["cosine", "l2"], value="cosine", description="metric")
-    out = w.Output()
+    box = _explorer([w.HBox([k, metric])], "nearest_tokens_explorer")
 
     def redraw(*_):
         found = nearest_tokens(vectors, embedding_weight, tokenizer, k.value, metric.value)
-        with out:
-            out.clear_output(wait=True)
-            display(nearest_tokens_figure(found, metric.value))
+        box.show(nearest_tokens_figure(found, metric.value))
 
     k.observe(redraw, names="value")
     metric.observe(redraw, names="value")
     redraw()
-    return w.VBox([w.HBox([k, metric]), out])
+    return box

@@ -146,3 +146,27 @@ def test_train_says_when_a_one_shot_iterator_runs_out():
     w = torch.nn.Parameter(torch.zeros(1))
     with pytest.raises(ValueError, match="ran out after 2 steps"):
         train(lambda b: (w - 1).pow(2).sum(), [w], iter([{}, {}]), steps=5, lr=0.1)
+
+
+def test_a_notebook_keeps_a_line_of_text_where_the_progress_bar_was(tmp_path) -> None:
+    """In a notebook the bar is a widget; once training ends it is replaced by a summary line, so
+    a saved notebook holds no view of a widget that no longer exists (JupyterLab would show
+    "Error displaying widget: model not found" when it is reopened)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            "import os, torch, course\n"
+            "os.environ.pop('TQDM_DISABLE', None); os.environ.pop('NBGRADER_EXECUTION', None)\n"
+            "w = torch.nn.Parameter(torch.zeros(3))\n"
+            "r = course.train(lambda b: ((w - 1) ** 2).sum(), [w], [0], steps=4, lr=0.1, "
+            "desc='toy')"
+        )
+    ]
+    NotebookClient(nb, kernel_name="python3", timeout=120).execute(cwd=str(tmp_path))
+    outputs = nb.cells[0].outputs
+    assert [o.output_type for o in outputs] == ["display_data"], outputs
+    assert set(outputs[0].data) == {"text/plain"}, outputs[0].data
+    assert outputs[0].data["text/plain"].startswith("toy: 4/4 steps in ")

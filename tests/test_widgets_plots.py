@@ -278,3 +278,40 @@ def test_explorers_draw_nothing_under_nbgrader(tiny_model, monkeypatch):
     assert widgets.param_explorer(tiny_model) is None
     assert widgets.nearest_tokens_explorer(emb[:2], emb, CharTokenizer()) is None
     assert widgets.prefix_attention_explorer(tiny_model, lambda i, m: None, ids, mask, 2) is None
+
+
+_DISPLAY_PROBE = """
+import json
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.display import display
+from IPython.utils.capture import capture_output
+from course import widgets
+
+InteractiveShell.instance()
+box = widgets.param_explorer()  # the presets only
+with capture_output() as captured:
+    display(box)
+    box.children[1].children[0].value = 20  # prefix P: the figure is redrawn
+print(json.dumps([[sorted(o.data), o.transient, o.update] for o in captured.outputs]))
+"""
+
+
+def test_explorer_figure_is_an_ordinary_output_redrawn_in_place():
+    """Displayed, an explorer shows its controls as a widget, then its figure as an output of its
+    own with a display id, which a moved control updates in place: a saved notebook keeps the
+    figure where widget state was not saved. (In a subprocess: an IPython shell is global.)"""
+    pytest.importorskip("ipywidgets")
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", _DISPLAY_PROBE], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    (controls, _, _), (_, shown, shown_update), (_, redrawn, redrawn_update) = json.loads(
+        run.stdout.strip().splitlines()[-1]
+    )
+    assert "application/vnd.jupyter.widget-view+json" in controls
+    assert shown["display_id"] == redrawn["display_id"]
+    assert (shown_update, redrawn_update) == (False, True)
