@@ -118,6 +118,11 @@ def _package(course: Course, args: argparse.Namespace) -> int:
     )
     print(f"wrote {args.out / 'notebooks'}/ and {args.out / 'MANIFEST.txt'}")
     print(f"reference included for: {', '.join(summary['unlocked']) or 'no notebook'}")
+    for notebook, (points, cells) in summary["regraded"].items():
+        print(
+            f"warning: {notebook} grades objects of an unlocked notebook again ({points} points: "
+            f"{', '.join(cells)}); the reference in this wheel answers them"
+        )
     for notebook, missing in summary["waiting"].items():
         print(
             f"note: {notebook} needs --unlock {' '.join(n[:2] for n in missing)} once those are due"

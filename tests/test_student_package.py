@@ -64,6 +64,8 @@ def test_the_student_wheel_holds_no_reference_twins_or_pipeline(default_wheel) -
     assert not any(m.startswith(("solutions/", "tests/", "benchmarks/")) for m in members)
     assert "autograder/cli.py" not in members and "autograder/student.py" in members
     assert "course/assets/tiny-lm/model.safetensors" in members
+    settings = "data/share/jupyter/lab/settings/overrides.d/soft-prompts-course.json"
+    assert any(m.endswith(".data/" + settings) for m in members), "JupyterLab saves widget state"
     assert any(m.startswith("autograder/checks/fixture_data/") for m in members), (
         "the visible checks' stored reference outputs must ship"
     )
@@ -178,5 +180,7 @@ def test_unlock_adds_exactly_the_notebooks_named(tmp_path: Path) -> None:
     assert "make_method is the reference of notebook 03_experiments" in lines[1]
     assert "--unlock 03" in lines[1]
     assert "student.py" in " ".join(members)
+    manifest = (tmp_path / "MANIFEST.txt").read_text()  # notebook 05 re-grades 02's objects
+    assert "warning: 05_debugging grades objects of an unlocked notebook again (10 " in manifest
     student = (unpacked / "autograder" / "student.py").read_text()
     assert "('01_prompt_tuning', '02_prefix_tuning')" in student

@@ -73,6 +73,51 @@ NEEDS: dict[str, tuple[str, ...]] = {
 
 PROJECT_FILES = ("pyproject.toml", "README.md", "LICENSE")
 
+CHECK_MODULE_NOTEBOOK = {
+    "tour": "00_backbone_tour",
+    "frozen": "01_prompt_tuning",
+    "prompt": "01_prompt_tuning",
+    "prefix": "02_prefix_tuning",
+    "deep": "02_prefix_tuning",
+    "experiments": "03_experiments",
+    "serving": "04_serving",
+    "debugging": "05_debugging",
+}
+"""The notebook whose graded objects each module of ``autograder.checks`` checks."""
+
+
+def regraded(course: Course, unlocked: Sequence[str]) -> dict[str, tuple[int, list[str]]]:
+    """Notebooks still locked whose graded cells check objects of an unlocked notebook: their
+    points are answered by the reference that ships. Notebook -> (points, grade ids)."""
+    import re
+
+    import nbformat
+
+    from autograder.checks import NOTEBOOK_CHECKS
+
+    call = re.compile(r"selfcheck\.(?:hidden|run)\(\s*(?:checks\.\w+\.)?\"?(\w+)")
+    found: dict[str, tuple[int, list[str]]] = {}
+    for notebook in course.assignments():
+        if notebook in unlocked:
+            continue
+        for path in course.source_notebooks(notebook):
+            for cell in nbformat.read(path, as_version=4).cells:
+                meta = cell.metadata.get("nbgrader", {})
+                if not meta.get("grade") or cell.cell_type != "code":
+                    continue
+                owners = {
+                    CHECK_MODULE_NOTEBOOK.get(NOTEBOOK_CHECKS[name][0])
+                    for name in call.findall(cell.source)
+                    if name in NOTEBOOK_CHECKS
+                }
+                if owners & set(unlocked):
+                    points, cells = found.get(notebook, (0, []))
+                    found[notebook] = (
+                        points + int(meta.get("points", 0)),
+                        [*cells, meta["grade_id"]],
+                    )
+    return found
+
 
 def student_files(unlocked: Sequence[str]) -> list[str]:
     """The Python files (relative to the repository) of a student wheel with ``unlocked``."""
@@ -168,6 +213,7 @@ def build_student_package(
         for notebook, needs in NEEDS.items()
         if any(n not in unlocked for n in needs)
     }
+    answered = regraded(course, unlocked)
     lines = [
         f"student wheel: {wheel.name} ({wheel.stat().st_size / 1e6:.1f} MB)",
         f"unlocked (reference included): {', '.join(unlocked) or 'none'}",
@@ -176,8 +222,19 @@ def build_student_package(
             "stops with a line naming the unlock"
             for nb, missing in waiting.items()
         ),
+        *(
+            f"warning: {nb} grades objects of an unlocked notebook again ({points} points: "
+            f"{', '.join(cells)}); the reference in this wheel answers them"
+            for nb, (points, cells) in answered.items()
+        ),
         "files:",
         *(f"  {m}" for m in members),
     ]
     (out / "MANIFEST.txt").write_text("\n".join(lines) + "\n")
-    return {"wheel": wheel, "unlocked": unlocked, "waiting": waiting, "members": members}
+    return {
+        "wheel": wheel,
+        "unlocked": unlocked,
+        "waiting": waiting,
+        "regraded": answered,
+        "members": members,
+    }
