@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from autograder.pipeline.coursedir import REPO_ROOT, Course, CourseError
+from autograder.reference import NOTEBOOK_OF
 
 __all__ = ["NEEDS", "UNLOCKS", "build_student_package", "student_files"]
 
@@ -74,14 +75,8 @@ NEEDS: dict[str, tuple[str, ...]] = {
 PROJECT_FILES = ("pyproject.toml", "README.md", "LICENSE")
 
 CHECK_MODULE_NOTEBOOK = {
-    "tour": "00_backbone_tour",
-    "frozen": "01_prompt_tuning",
-    "prompt": "01_prompt_tuning",
-    "prefix": "02_prefix_tuning",
-    "deep": "02_prefix_tuning",
-    "experiments": "03_experiments",
-    "serving": "04_serving",
-    "debugging": "05_debugging",
+    **{module: nb for module, nb in NOTEBOOK_OF.items() if module != "common"},
+    "frozen": NOTEBOOK_OF["common"],  # freezing: notebook 01's freeze_backbone
 }
 """The notebook whose graded objects each module of ``autograder.checks`` checks."""
 
