@@ -139,3 +139,56 @@ def test_the_figures_are_package_data():
             f"course/{relative} is not package data: add 'assets/figures/*.svg' to "
             "[tool.setuptools.package-data] course in pyproject.toml"
         )
+
+
+def _code_cells(notebook: Path) -> list[dict]:
+    return [c for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code"]
+
+
+SHOW = re.compile(r"^\s*show\(\s*[\"']([\w-]+)[\"']\s*\)", re.M)
+
+
+def test_every_figure_is_shown_and_show_is_imported_in_the_setup():
+    """No figure is orphaned: each one is shown by a ``show("name")`` code cell of some solution
+    notebook; and a notebook that calls ``show`` imports it in its "Setup 2/2" cell."""
+    shown: dict[str, list[str]] = {}
+    unimported = []
+    for notebook in sorted(REPO.glob("solutions/*/*.ipynb")):
+        cells = _code_cells(notebook)
+        names = [name for c in cells for name in SHOW.findall("".join(c["source"]))]
+        for name in names:
+            shown.setdefault(name, []).append(notebook.parent.name)
+        setup = [c for c in cells if "".join(c["source"]).startswith("# Setup 2/2")]
+        imports = len(setup) == 1 and re.search(
+            r"^from course\.figures import show$", "".join(setup[0]["source"]), re.M
+        )
+        if names and not imports:
+            unimported.append(notebook.parent.name)
+    orphans = [name for name in figures.FIGURES if name not in shown]
+    assert not orphans, f"figures no solution notebook shows (add a show() cell): {orphans}"
+    assert not unimported, (
+        f"notebooks that call show() without `from course.figures import show` in their "
+        f"'Setup 2/2' cell: {unimported}"
+    )
+
+
+def test_release_check_names_a_stale_figure(tmp_path):
+    from autograder.pipeline.coursedir import Course
+    from autograder.pipeline.release import figure_problems
+
+    assert figure_problems(Course(tmp_path)) == [], "a course without course/figures.py"
+    folder = tmp_path / "course" / "assets" / "figures"
+    shutil.copytree(figures.FIGURE_DIR, folder)
+    (tmp_path / "course" / "figures.py").write_text("")
+    assert figure_problems(Course(tmp_path)) == []
+
+    stale = folder / "tenant_gather.svg"
+    stale.write_text(stale.read_text().replace("stacked:", "stacked :"))
+    (folder / "three_forms.svg").unlink()
+    problems = figure_problems(Course(tmp_path))
+    assert len(problems) == 2 and all(
+        p.startswith("stale figure: ") and p.endswith("run: python -m course.figures --write")
+        for p in problems
+    )
+    assert "three_forms" in problems[0] and "is missing" in problems[0]
+    assert "tenant_gather" in problems[1] and "differs" in problems[1]

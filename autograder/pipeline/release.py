@@ -212,7 +212,8 @@ def release(
 
     Writing first brings each solution notebook's install cell and Colab badge in line with
     ``[tool.soft-prompts-course]`` (:mod:`autograder.pipeline.colab`), then returns no problems.
-    Checking returns one line per stale, missing or extra file.
+    Checking returns one line per stale, missing or extra file, and per stale or missing figure
+    (:func:`figure_problems`).
     """
     from autograder.pipeline.colab import sync_solutions
 
@@ -222,9 +223,26 @@ def release(
         build(course, selected, course.notebooks)
         return []
     problems = sync_solutions(course.root, course.solutions, selected, check=True)
+    problems += figure_problems(course)
     with tempfile.TemporaryDirectory(prefix="release-check-") as tmp:
         build(course, selected, Path(tmp))
         return problems + compare(Path(tmp), course.notebooks, selected)
+
+
+def figure_problems(course: Course) -> list[str]:
+    """One line per figure of ``course/assets/figures/`` that is missing or out of date with
+    what :mod:`course.figures` draws (the figures the notebooks ``show()``); none for a course
+    root without ``course/figures.py``.
+    """
+    if not (course.root / "course" / "figures.py").is_file():
+        return []
+    from course import figures
+
+    folder = course.root / "course" / "assets" / "figures"
+    return [
+        f"stale figure: {reason}; run: python -m course.figures --write"
+        for reason in figures.check(folder)
+    ]
 
 
 def written_files(course: Course, assignments: Sequence[str]) -> list[str]:
