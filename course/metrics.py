@@ -24,11 +24,17 @@ matching, every ``attribute[value]`` (or ``attribute: value`` / ``attribute=valu
 removed, then any remaining ``[...]`` span, and every line that contains the ``|`` separator:
 fluent sentences contain none of these, so a realisation scores exactly as before while a
 verbatim or partial copy of the input scores only for what it says in words.
+
+**Error bars** (:func:`bootstrap_ci`, :func:`bootstrap_ci_seeds`): a score measured on a few
+dozen inputs, from one training run, is one draw of a noisy quantity. A percentile bootstrap
+resamples what was measured — the inputs, and the seeds where there are several — to show how far
+the mean could move with another draw.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -37,6 +43,8 @@ __all__ = [
     "SLOT_PATTERNS",
     "accuracy",
     "answer_accuracy",
+    "bootstrap_ci",
+    "bootstrap_ci_seeds",
     "corpus_bleu",
     "first_word",
     "normalise_answer",
@@ -228,6 +236,137 @@ def answer_accuracy(predictions: Sequence[str], answers: Sequence[str]) -> float
     pairs = zip(predictions, answers, strict=True)
     hits = sum(normalise_answer(p) == normalise_answer(a) for p, a in pairs)
     return 100.0 * hits / len(answers)
+
+
+# --- error bars -------------------------------------------------------------------------------
+
+
+def bootstrap_ci(
+    scores: Sequence[float],
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    weights: Sequence[float] | None = None,
+) -> tuple[float, float, float]:
+    """The mean of ``scores`` and a percentile bootstrap confidence interval for it.
+
+    ``scores`` holds one number per evaluation input (e.g. each input's slot accuracy, or its 0 /
+    100 correctness); the mean is the score a table reports. ``weights`` (positive, one per
+    input) make it a weighted mean: with each input's number of slots as its weight, the mean of
+    the inputs' slot accuracies is the micro-averaged :func:`slot_accuracy` of the whole set.
+    Each of ``n_boot`` replicates draws ``len(scores)`` inputs with replacement (an input keeps
+    its weight) and takes their mean; the interval is the central ``level`` share of those
+    means (``level=0.95``: their 2.5th and 97.5th percentiles). It says how far the mean could
+    move had other inputs been drawn from the same pool — not what another training seed would
+    do (:func:`bootstrap_ci_seeds`). To compare two methods scored on the same inputs, bootstrap
+    the per-input differences: an interval that excludes 0 is a difference the inputs support.
+
+    Deterministic for a given ``seed``; constant scores give a zero-width interval. Returns
+    ``(mean, low, high)``. Raises ``ValueError`` for no scores, a non-finite score, weights that
+    are not one positive number per score, ``n_boot`` < 1 or ``level`` outside (0, 1).
+    """
+    run = _Run(scores, weights, "scores")
+    _check_bootstrap(n_boot, level)
+    rng = random.Random(seed)
+    means = [run.resampled_mean(rng) for _ in range(n_boot)]
+    return (run.mean, *_central_interval(means, level))
+
+
+def bootstrap_ci_seeds(
+    scores_by_seed: Sequence[Sequence[float]],
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    weights_by_seed: Sequence[Sequence[float]] | None = None,
+) -> tuple[float, float, float]:
+    """The mean over training seeds and a two-level bootstrap interval: seeds, then inputs.
+
+    ``scores_by_seed[s]`` holds the per-input scores of the run with seed ``s`` (the runs may be
+    scored on the same inputs or not; ``weights_by_seed[s]``, if given, their weights as in
+    :func:`bootstrap_ci`). The mean is the average of the runs' means, each seed weighted
+    equally. Each replicate draws as many seeds as there are, with replacement, then for each
+    drawn seed its inputs, with replacement, and averages — so the interval covers both which
+    inputs were scored and which seed trained the model. With a handful of seeds it is rough and
+    tends to be too narrow (3 seeds can be resampled only 10 ways): read it as "at least this
+    uncertain". One seed reduces to :func:`bootstrap_ci`.
+
+    Returns ``(mean, low, high)``; deterministic for a given ``seed``. Raises ``ValueError`` for
+    no seeds, a seed without scores, a non-finite score, bad weights, ``n_boot`` < 1 or
+    ``level`` outside (0, 1).
+    """
+    if isinstance(scores_by_seed, (str, bytes)) or len(scores_by_seed) == 0:
+        raise ValueError("bootstrap_ci_seeds needs the scores of at least one seed, got none")
+    if weights_by_seed is not None and len(weights_by_seed) != len(scores_by_seed):
+        raise ValueError(
+            f"weights_by_seed has {len(weights_by_seed)} entries for {len(scores_by_seed)} seeds"
+        )
+    runs = [
+        _Run(s, None if weights_by_seed is None else weights_by_seed[i], f"scores_by_seed[{i}]")
+        for i, s in enumerate(scores_by_seed)
+    ]
+    _check_bootstrap(n_boot, level)
+    rng = random.Random(seed)
+    k = len(runs)
+    means = []
+    for _ in range(n_boot):
+        drawn = rng.choices(runs, k=k)
+        means.append(math.fsum(run.resampled_mean(rng) for run in drawn) / k)
+    centre = math.fsum(run.mean for run in runs) / k
+    return (centre, *_central_interval(means, level))
+
+
+class _Run:
+    """One run's per-input scores and weights, checked; its mean and resampled means."""
+
+    def __init__(self, scores: Sequence[float], weights: Sequence[float] | None, name: str):
+        if isinstance(scores, (str, bytes)):
+            raise ValueError(f"{name} must be a sequence of numbers, got a string")
+        self.scores = [float(v) for v in scores]
+        if not self.scores:
+            raise ValueError(f"{name} is empty: a bootstrap needs at least one score")
+        bad = [v for v in self.scores if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"{name} holds {len(bad)} non-finite score(s), e.g. {bad[0]}")
+        self.weights = None
+        if weights is not None:
+            self.weights = [float(w) for w in weights]
+            if len(self.weights) != len(self.scores):
+                raise ValueError(
+                    f"the weights of {name} are {len(self.weights)} for {len(self.scores)} scores"
+                )
+            if not all(math.isfinite(w) and w > 0 for w in self.weights):
+                raise ValueError(f"the weights of {name} must be positive and finite")
+        self.mean = self._mean(range(len(self.scores)))
+
+    def _mean(self, picks) -> float:
+        if self.weights is None:
+            return math.fsum(self.scores[i] for i in picks) / len(picks)
+        total = math.fsum(self.weights[i] for i in picks)
+        return math.fsum(self.scores[i] * self.weights[i] for i in picks) / total
+
+    def resampled_mean(self, rng: random.Random) -> float:
+        n = len(self.scores)
+        return self._mean(rng.choices(range(n), k=n))
+
+
+def _check_bootstrap(n_boot: int, level: float) -> None:
+    if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive int, got {n_boot!r}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie strictly between 0 and 1 (e.g. 0.95), got {level!r}")
+
+
+def _central_interval(values: list[float], level: float) -> tuple[float, float]:
+    """The ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles, linearly interpolated."""
+    ordered = sorted(values)
+
+    def quantile(q: float) -> float:
+        pos = q * (len(ordered) - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, len(ordered) - 1)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+    return quantile((1 - level) / 2), quantile((1 + level) / 2)
 
 
 def _check_lengths(a: Sequence, b: Sequence) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -189,3 +190,124 @@ def test_fluent_realisations_score_as_before():
     for e in examples:
         for ref in e.meta["references"]:
             assert strip_meaning_representation(ref) == ref
+
+
+# --- error bars: bootstrap confidence intervals ---------------------------------------------------
+
+
+def test_bootstrap_constant_scores_give_a_zero_width_interval():
+    from course.metrics import bootstrap_ci, bootstrap_ci_seeds
+
+    assert bootstrap_ci([0.1] * 7) == (0.1, 0.1, 0.1)
+    assert bootstrap_ci([42.0]) == (42.0, 42.0, 42.0)
+    assert bootstrap_ci_seeds([[50.0] * 5, [50.0] * 3]) == (50.0, 50.0, 50.0)
+
+
+def test_bootstrap_mean_is_the_sample_mean_inside_its_interval():
+    from course.metrics import bootstrap_ci
+
+    scores = [0, 100, 100, 0, 100, 50, 25, 75]
+    mean, low, high = bootstrap_ci(scores)
+    assert mean == pytest.approx(sum(scores) / len(scores))
+    assert 0 <= low < mean < high <= 100
+    # a wider level gives a wider interval; more inputs of the same spread a narrower one
+    _, low99, high99 = bootstrap_ci(scores, level=0.99)
+    assert low99 <= low and high99 >= high
+    _, low_many, high_many = bootstrap_ci(scores * 16)
+    assert high_many - low_many < (high - low) / 2
+
+
+def test_bootstrap_is_deterministic_under_a_seed():
+    from course.metrics import bootstrap_ci, bootstrap_ci_seeds
+
+    rng = random.Random(1)
+    scores = [rng.random() * 100 for _ in range(40)]
+    assert bootstrap_ci(scores, seed=3) == bootstrap_ci(scores, seed=3)
+    assert bootstrap_ci(scores, seed=3) != bootstrap_ci(scores, seed=4)
+    runs = [scores[:20], scores[20:], scores[5:30]]
+    assert bootstrap_ci_seeds(runs, seed=3) == bootstrap_ci_seeds(runs, seed=3)
+
+
+def test_bootstrap_covers_a_bernoulli_mean_near_the_nominal_level():
+    """Over many simulated evaluation sets of 60 right/wrong answers (p = 0.3), the 95%
+    interval holds the true mean about 95% of the time (the percentile bootstrap runs slightly
+    narrow at this size, so the band is generous)."""
+    from course.metrics import bootstrap_ci
+
+    rng = random.Random(0)
+    p, n, trials = 0.3, 60, 150
+    covered = 0
+    for t in range(trials):
+        sample = [100.0 * (rng.random() < p) for _ in range(n)]
+        _, low, high = bootstrap_ci(sample, n_boot=400, seed=t)
+        covered += low <= 100 * p <= high
+    assert 0.88 <= covered / trials <= 0.99, covered / trials
+
+
+def test_bootstrap_over_seeds_is_wider_when_seeds_disagree():
+    from course.metrics import bootstrap_ci, bootstrap_ci_seeds
+
+    inputs = [0.0, 100.0] * 16
+    agree = bootstrap_ci_seeds([inputs, inputs, inputs])
+    shifted = [[min(100.0, v + d) for v in inputs] for d in (0.0, 20.0, 40.0)]
+    disagree = bootstrap_ci_seeds(shifted)
+    assert disagree[2] - disagree[1] > agree[2] - agree[1]
+    # the centre weights seeds equally, whatever their number of inputs
+    assert bootstrap_ci_seeds([[0.0] * 10, [100.0] * 2])[0] == pytest.approx(50.0)
+    # one seed is the plain bootstrap over inputs
+    assert bootstrap_ci_seeds([inputs], seed=5)[0] == bootstrap_ci(inputs, seed=5)[0]
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda f: f([]), "empty"),
+        (lambda f: f([1.0, float("nan")]), "non-finite"),
+        (lambda f: f("0110"), "string"),
+        (lambda f: f([1.0], level=0.0), "level"),
+        (lambda f: f([1.0], level=1.0), "level"),
+        (lambda f: f([1.0], level=95), "level"),
+        (lambda f: f([1.0], n_boot=0), "n_boot"),
+    ],
+)
+def test_bootstrap_rejects_bad_input(call, match):
+    from course.metrics import bootstrap_ci
+
+    with pytest.raises(ValueError, match=match):
+        call(bootstrap_ci)
+
+
+def test_bootstrap_over_seeds_rejects_bad_input():
+    from course.metrics import bootstrap_ci_seeds
+
+    with pytest.raises(ValueError, match="at least one seed"):
+        bootstrap_ci_seeds([])
+    with pytest.raises(ValueError, match=r"scores_by_seed\[1\] is empty"):
+        bootstrap_ci_seeds([[1.0], []])
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_ci_seeds([[1.0]], level=-0.5)
+
+
+def test_bootstrap_weights_give_the_micro_average():
+    """Each input's slot accuracy weighted by its number of slots: the mean is slot_accuracy of
+    the whole set (the table's number), not the plain mean of the inputs' accuracies."""
+    from course.metrics import bootstrap_ci, bootstrap_ci_seeds
+
+    records = [
+        {"name": "A", "food": "French"},
+        {"name": "B", "area": "riverside", "eatType": "pub"},
+    ]
+    preds = ["A serves Italian food.", "B is a pub by the riverside."]
+    per_input = [slot_accuracy([p], [r]) for p, r in zip(preds, records)]
+    weights = [len(r) for r in records]
+    mean, low, high = bootstrap_ci(per_input, weights=weights)
+    assert mean == pytest.approx(slot_accuracy(preds, records))
+    assert mean != pytest.approx(sum(per_input) / 2)
+    assert low <= mean <= high
+    assert bootstrap_ci_seeds([per_input], weights_by_seed=[weights])[0] == pytest.approx(mean)
+    with pytest.raises(ValueError, match="weights"):
+        bootstrap_ci(per_input, weights=[1])
+    with pytest.raises(ValueError, match="positive"):
+        bootstrap_ci(per_input, weights=[1, 0])
+    with pytest.raises(ValueError, match="weights_by_seed"):
+        bootstrap_ci_seeds([per_input], weights_by_seed=[])
