@@ -114,8 +114,8 @@ def _run_setup_cell(tmp_path: Path, install: str, in_colab: bool) -> subprocess.
     code = (fake if in_colab else "") + colab.setup_source(install)
     script = tmp_path / "cell.py"
     script.write_text(code)
-    return subprocess.run(
-        [sys.executable, "-S", str(script)],
+    return subprocess.run(  # -I: no PYTHONPATH (grading tests put the course there), -S: no site
+        [sys.executable, "-I", "-S", str(script)],
         cwd=tmp_path,
         capture_output=True,
         text=True,

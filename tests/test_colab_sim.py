@@ -77,7 +77,17 @@ def solved(assignment: str) -> nbformat.NotebookNode:
     return student
 
 
+CLEAN_ENV = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith(("PYTHON", "COURSE_", "VIRTUAL_ENV", "NBGRADER", "TQDM"))
+}
+"""This process's environment without what points Python at the repository (grading tests put
+the course on PYTHONPATH) or changes the course's behaviour."""
+
+
 def _run(command: list, **kwargs) -> subprocess.CompletedProcess[str]:
+    kwargs.setdefault("env", CLEAN_ENV)
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, **kwargs)
     assert done.returncode == 0, f"{command}:\n{done.stderr[-3000:]}"
     return done
@@ -116,11 +126,7 @@ def test_colab_runs_notebooks_00_and_01_from_the_student_wheel(tmp_path: Path) -
     (stub / "google" / "colab" / "__init__.py").write_text('"""stand-in for Colab"""\n')
     (stub / "sitecustomize.py").write_text("import google.colab  # Colab imports it at start\n")
     (content / "driver.py").write_text(DRIVER)
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("PYTHON", "COURSE_", "VIRTUAL_ENV", "NBGRADER", "TQDM"))
-    }
+    env = dict(CLEAN_ENV)
     env.update(PYTHONPATH=str(stub), HF_HUB_OFFLINE="1", PATH=f"{venv / 'bin'}:{env['PATH']}")
     ready = time.perf_counter() - start
     done = _run([python, "driver.py", *(f"{a}.ipynb" for a in NOTEBOOKS)], cwd=content, env=env)

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
@@ -21,7 +22,7 @@ import pytest
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
-from autograder.pipeline import warm
+from autograder.pipeline import sandbox, warm
 from autograder.pipeline.execute import KERNEL_DIED, KERNEL_UNRESPONSIVE, ResilientExecute
 
 pytestmark = pytest.mark.skipif(not warm.supported(), reason="warm kernels are Linux-only")
@@ -57,8 +58,19 @@ def _introspect(kernel_manager_class: type, cwd: Path) -> dict:
     return json.loads(out.text)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def grading_environment() -> Iterator[None]:
+    """This process's environment as a grading kernel gets it (``sandbox.kernel_environment``
+    adds ``GRADING_ENV`` to every grading kernel, and the zygote starts with it): the kernels
+    these tests launch directly, normal or forked, then see what grading kernels see."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in sandbox.GRADING_ENV.items():
+            patch.setenv(name, value)
+        yield
+
+
 @pytest.fixture(scope="module")
-def zygote() -> warm.Zygote:
+def zygote(grading_environment) -> warm.Zygote:
     found = warm.Zygote.get()
     assert found is not None and found.wait_ready(), "the zygote did not start"
     if found.mismatch(dict(os.environ)):
