@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import filecmp
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -37,6 +38,65 @@ SAVED_BY_CLIENTS = ("language_info",)
 notebook (``language_info``: the kernel's Python version...). A saved student notebook that
 differs only there is not stale."""
 IGNORED_NAMES = (".ipynb_checkpoints", "__pycache__", ".DS_Store")
+
+_DETAILS_OPEN = re.compile(r"<details\b[^>]*>", re.I)
+_DETAILS_CLOSE = re.compile(r"</details\s*>", re.I)
+_DETAILS = re.compile(r"<details\b[^>]*>(.*?)</details\s*>", re.I | re.S)
+_SUMMARY = re.compile(r"\s*<summary\b[^>]*>(.*?)</summary\s*>(.*)", re.I | re.S)
+_TAG = re.compile(r"<[^>]*>")
+
+
+def _visible(html: str) -> str:
+    """The text a reader sees in ``html``: tags and surrounding whitespace removed."""
+    return _TAG.sub("", html).strip()
+
+
+def hint_problems(nb: NotebookNode, name: str) -> list[str]:
+    """One line per collapsible block (``<details>``, a hint) of a markdown cell of ``nb`` that
+    would show a student nothing: no ``<summary>`` first, an empty summary, nothing between
+    ``</summary>`` and ``</details>``, or a ``<details>`` left unclosed. ``name`` names the
+    notebook; cells are counted from 0."""
+    problems = []
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "markdown":
+            continue
+        source = cell.source
+        where = f"{name}: cell {index} (id {cell.get('id', '?')})"
+        opened, closed = len(_DETAILS_OPEN.findall(source)), len(_DETAILS_CLOSE.findall(source))
+        if opened != closed:
+            problems.append(f"{where}: {opened} <details> but {closed} </details>")
+            continue
+        for number, block in enumerate(_DETAILS.finditer(source), 1):
+            parts = _SUMMARY.fullmatch(block.group(1))
+            if parts is None:
+                problems.append(f"{where}: <details> block {number} has no <summary> first")
+            elif not _visible(parts.group(1)):
+                problems.append(f"{where}: <details> block {number} has an empty <summary>")
+            elif not _visible(parts.group(2)):
+                summary = _visible(parts.group(1))
+                problems.append(
+                    f"{where}: <details> block {number} ({summary!r}) is empty: nothing between "
+                    "</summary> and </details>"
+                )
+    return problems
+
+
+def check_hints(course: Course, assignments: Sequence[str]) -> None:
+    """Refuse to release a solution notebook with a hint (a ``<details>`` block) that shows
+    nothing (:func:`hint_problems`): raises :class:`CourseError` naming notebook and cell."""
+    problems = []
+    for assignment in assignments:
+        folder = course.solutions / assignment
+        for path in sorted(folder.rglob("*.ipynb")):
+            if set(path.relative_to(folder).parts) & set(IGNORED_NAMES):
+                continue
+            name = str(path.relative_to(course.root))
+            problems += hint_problems(nbformat.read(path, as_version=4), name)
+    if problems:
+        raise CourseError(
+            "empty or malformed hint(s); write the hint or remove the <details> block:\n  "
+            + "\n  ".join(problems)
+        )
 
 
 def normalise(nb: NotebookNode) -> NotebookNode:
@@ -114,6 +174,7 @@ def build(course: Course, assignments: Sequence[str], out: Path) -> None:
     """Generate the student version of each assignment into ``out/<assignment>/``."""
     from nbgrader.apps import NbGraderAPI
 
+    check_hints(course, assignments)
     prepare_environment(course)
     with tempfile.TemporaryDirectory(prefix="release-") as tmp:
         scratch = Path(tmp)
