@@ -152,6 +152,17 @@ except OSError:
     pass
 """
 
+_FORGED_SIGNATURES = """
+# A message on the kernel's own output channel whose HMAC is wrong: jupyter_client refuses it
+# with ValueError("Invalid Signature"), which nbgrader does not expect (a fork bomb that leaves
+# pyzmq no thread for a large output garbles messages the same way).
+kernel = get_ipython().kernel
+kernel.iopub_socket.send_multipart([b"<IDS|MSG>", b"0" * 64, b"{}", b"{}", b"{}", b"{}"])
+import time
+time.sleep(1)
+print("sent")
+"""
+
 _FAKE_ERRORS = """
 import autograder.selfcheck as s
 s.run = s.hidden = s.check_answer = lambda *a, **k: print("✓ passed")
@@ -196,6 +207,7 @@ ATTACKS: dict[str, str] = {
     "kill-everything": _KILL,
     "hidden-test-markers": _MARKERS,
     "fake-grader-errors": _FAKE_ERRORS,
+    "forged-signatures": _FORGED_SIGNATURES,
     "copy-through-symlinks": _THROUGH_SYMLINKS,
 }
 """Attack cells by name (see the module docstring)."""

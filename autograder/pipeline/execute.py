@@ -44,6 +44,8 @@ KERNEL_DIED = "KernelDied"
 KERNEL_UNRESPONSIVE = "KernelUnresponsive"
 KERNEL_UNAVAILABLE = "KernelUnavailable"
 KERNEL_ERRORS = (KERNEL_DIED, KERNEL_UNRESPONSIVE, KERNEL_UNAVAILABLE)
+GARBLED_MESSAGES = ("Invalid Signature", "Duplicate Signature")
+"""How ``jupyter_client`` refuses a kernel message whose HMAC does not check out."""
 TIMEOUT = "CellTimeoutError"
 NOTEBOOK_TIME_UP = "NotebookTimeUp"
 EVENTS_KEY = "autograder"
@@ -220,6 +222,22 @@ class ResilientExecute(Execute):
                 KERNEL_DIED,
                 "the kernel died while running this cell (os._exit, a signal or out of "
                 "memory); it was restarted and the earlier cells were run again",
+            )
+            self._recover()
+            return cell, resources
+        except ValueError as err:
+            if not str(err).startswith(GARBLED_MESSAGES):
+                raise
+            # The kernel's messaging broke mid-message (a student's fork bomb leaves no thread
+            # for pyzmq's large-message sender, so a big output goes out in pieces) or a
+            # message was forged: the channel cannot be trusted, so treat it as a crash.
+            self.grader_error(
+                cell,
+                index,
+                KERNEL_DIED,
+                "the kernel sent a message that failed its signature check (its messaging "
+                "broke, e.g. it ran out of threads, or the message was forged); it was restarted "
+                "and the earlier cells were run again",
             )
             self._recover()
             return cell, resources
