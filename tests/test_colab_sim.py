@@ -140,7 +140,9 @@ def test_colab_runs_notebooks_00_and_01_from_the_student_wheel(tmp_path: Path) -
     for name, result in report.items():
         assert result["errors"] == [], (name, result["errors"])
         assert result["passed_checks"] >= 4, (name, result)
-    where = _run([python, "-c", "import autograder; print(autograder.__file__)"], env=env).stdout
+    where = _run(  # from Colab's folder: `python -c` puts the current folder first on sys.path
+        [python, "-c", "import autograder; print(autograder.__file__)"], env=env, cwd=content
+    ).stdout
     assert "site-packages" in where, "the wheel was installed, not found in the repository"
     lacking = _run(
         [
@@ -149,5 +151,6 @@ def test_colab_runs_notebooks_00_and_01_from_the_student_wheel(tmp_path: Path) -
             "import importlib.util as u; print(u.find_spec('autograder.reference.prefix'))",
         ],
         env=env,
+        cwd=content,
     ).stdout
     assert lacking.strip() == "None"
