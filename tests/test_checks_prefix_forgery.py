@@ -30,6 +30,8 @@ MY_CHECKS = (
     "check_peft_equivalence",
     "check_bf16",
     "check_deep_prompt",
+    "check_soft_prompt_to_prefix",
+    "check_deep_prompt_to_prefix",
     "check_checkpointed_prefix_forward",
 )
 
@@ -135,6 +137,13 @@ FORGERIES: list[tuple[str, Callable[[dict], None]]] = [
     ("check_deep_prompt", _nudged("models", 1, "grad")),
     ("check_deep_prompt", _nudged("models", 0, "after")),
     ("check_deep_prompt", _swapped(("models", 1), "again", "other")),
+    ("check_soft_prompt_to_prefix", _nudged("models", 1, "first", by=1e-3)),
+    ("check_soft_prompt_to_prefix", _nudged("models", 0, "second")),
+    ("check_soft_prompt_to_prefix", _nudged("models", 0, "after")),
+    ("check_soft_prompt_to_prefix", _swapped(("models", 1), "first", "second")),
+    ("check_deep_prompt_to_prefix", _nudged("models", 0, "first")),
+    ("check_deep_prompt_to_prefix", _nudged("models", 1, "second")),
+    ("check_deep_prompt_to_prefix", _nudged("models", 1, "after")),
     ("check_checkpointed_prefix_forward", _nudged("models", 0, "calls", 1, "logits")),
     ("check_checkpointed_prefix_forward", _nudged("models", 1, "calls", 0, "grad")),
     ("check_checkpointed_prefix_forward", _set("models", 1, "checkpointing", value=False)),
@@ -169,6 +178,8 @@ _MISSING = {
     "check_peft_equivalence": ("logits",),
     "check_bf16": ("encoder_dtypes",),
     "check_deep_prompt": ("grad",),
+    "check_soft_prompt_to_prefix": ("second",),
+    "check_deep_prompt_to_prefix": ("after",),
     "check_checkpointed_prefix_forward": ("checkpointing",),
 }
 
@@ -243,6 +254,8 @@ for name, objects in (
     ("check_build_prefix_cache", (student02["build_prefix_cache"],)),
     ("check_prefix_forward", (student02["prefix_forward"], student02["PrefixEncoder"])),
     ("check_deep_prompt", (student02["DeepPrompt"], student02["deep_prompt_forward"])),
+    ("check_soft_prompt_to_prefix", (student02["soft_prompt_to_prefix"],)),
+    ("check_deep_prompt_to_prefix", (student02["deep_prompt_to_prefix"],)),
     (
         "check_checkpointed_prefix_forward",
         (student05["checkpoint_safe_prefix_forward"], student02["PrefixEncoder"]),
@@ -271,4 +284,4 @@ def _solution_cells(notebook: str) -> str:
 
 def test_observes_without_the_reference_and_is_judged_elsewhere(tmp_path) -> None:
     cells = _solution_cells("02") + "\n# ===== notebook 05 =====\n" + _solution_cells("05")
-    observe_in_a_fresh_kernel(_KERNEL_WITHOUT_REFERENCE, tmp_path, GRADING_VARIANT, 4, cells)
+    observe_in_a_fresh_kernel(_KERNEL_WITHOUT_REFERENCE, tmp_path, GRADING_VARIANT, 6, cells)

@@ -36,6 +36,8 @@ GRADED: tuple[str, ...] = (
     "generate_with_prefix",
     "DeepPrompt",
     "deep_prompt_forward",
+    "soft_prompt_to_prefix",
+    "deep_prompt_to_prefix",
     "save_prefix",
     "load_prefix",
     "mixed_prefix_forward",
@@ -110,7 +112,16 @@ def graded_objects(bug: Bug | Variant | None = None) -> dict[str, object]:
 
 
 def _registry() -> dict[str, Bug]:
-    from autograder.bugzoo import debugging, deep, experiments, frozen, prefix, prompt, serving
+    from autograder.bugzoo import (
+        compiled,
+        debugging,
+        deep,
+        experiments,
+        frozen,
+        prefix,
+        prompt,
+        serving,
+    )
 
     bugs: dict[str, Bug] = {}
     for bug in (
@@ -118,6 +129,7 @@ def _registry() -> dict[str, Bug]:
         *prompt.BUGS,
         *prefix.BUGS,
         *deep.BUGS,
+        *compiled.BUGS,
         *experiments.BUGS,
         *serving.BUGS,
         *debugging.BUGS,
@@ -129,10 +141,19 @@ def _registry() -> dict[str, Bug]:
 
 
 def _variants() -> dict[str, Variant]:
-    from autograder.bugzoo import debugging, deep, experiments, frozen, prefix, prompt, serving
+    from autograder.bugzoo import (
+        compiled,
+        debugging,
+        deep,
+        experiments,
+        frozen,
+        prefix,
+        prompt,
+        serving,
+    )
 
     variants: dict[str, Variant] = {}
-    for module in (frozen, prompt, prefix, deep, experiments, serving, debugging):
+    for module in (frozen, prompt, prefix, deep, compiled, experiments, serving, debugging):
         for variant in getattr(module, "VARIANTS", ()):
             if variant.name in variants or variant.name in __getattr__("BUGS"):
                 raise ValueError(f"duplicate variant name {variant.name!r}")

@@ -82,6 +82,16 @@ def deep_prompt_forward(model, deep, input_ids, attention_mask, labels=None):
     raise NotImplementedError()
 
 
+def soft_prompt_to_prefix(model, prompt):
+    # YOUR CODE HERE
+    raise NotImplementedError()
+
+
+def deep_prompt_to_prefix(model, deep):
+    # YOUR CODE HERE
+    raise NotImplementedError()
+
+
 def save_prefix(encoder_or_tensor, path, meta=None):
     # YOUR CODE HERE
     raise NotImplementedError()
@@ -134,6 +144,8 @@ STUBS: dict[str, object] = {
     "generate_with_prefix": generate_with_prefix,
     "DeepPrompt": DeepPrompt,
     "deep_prompt_forward": deep_prompt_forward,
+    "soft_prompt_to_prefix": soft_prompt_to_prefix,
+    "deep_prompt_to_prefix": deep_prompt_to_prefix,
     "save_prefix": save_prefix,
     "load_prefix": load_prefix,
     "mixed_prefix_forward": mixed_prefix_forward,

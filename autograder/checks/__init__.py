@@ -10,6 +10,8 @@ with a message that says what was observed, what was expected and the likely mis
 * :mod:`~autograder.checks.prompt` — notebook 01, prompt tuning.
 * :mod:`~autograder.checks.prefix` — notebook 02, deep prefix tuning (key/value form).
 * :mod:`~autograder.checks.deep` — notebook 02, the hidden-state ("deep prompt") form.
+* :mod:`~autograder.checks.compiled` — notebook 02, a soft prompt or hidden-state prompts
+  compiled into a key/value prefix.
 * :mod:`~autograder.checks.experiments` — notebook 03, every method behind one interface and
   the equal-budget sweep harness.
 * :mod:`~autograder.checks.serving` — notebook 04, prefix files and mixed-tenant batches.
@@ -48,6 +50,8 @@ CHECKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "check_peft_equivalence": ("prefix", ("PrefixEncoder", "prefix_forward")),
     "check_bf16": ("prefix", ("prefix_forward", "PrefixEncoder")),
     "check_deep_prompt": ("deep", ("DeepPrompt", "deep_prompt_forward")),
+    "check_soft_prompt_to_prefix": ("compiled", ("soft_prompt_to_prefix",)),
+    "check_deep_prompt_to_prefix": ("compiled", ("deep_prompt_to_prefix",)),
     "check_method_parameters": ("experiments", ("make_method",)),
     "check_method_functions": ("experiments", ("make_method",)),
     "check_run_sweep": ("experiments", ("run_sweep",)),

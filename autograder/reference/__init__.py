@@ -8,7 +8,8 @@ did with these, and the benchmarks and demo use them. Shapes follow the course's
 * :mod:`~autograder.reference.common` — ``IGNORE_INDEX``, freezing, counting (notebooks 01–05);
 * :mod:`~autograder.reference.prompt` — prompt tuning (01);
 * :mod:`~autograder.reference.prefix` — deep prefix tuning, key/value form (02);
-* :mod:`~autograder.reference.deep` — the hidden-state form (02);
+* :mod:`~autograder.reference.deep` — the hidden-state form, and compiling a prompt into a
+  key/value prefix (02);
 * :mod:`~autograder.reference.experiments` — ``make_method``, ``run_sweep`` (03);
 * :mod:`~autograder.reference.serving` — prefix files, mixed-tenant batches (04);
 * :mod:`~autograder.reference.debugging` — a prefix under gradient checkpointing (05);
@@ -42,6 +43,8 @@ _WHERE: dict[str, str] = {
     "prefix_to_peft_weights": "prefix",
     "DeepPrompt": "deep",
     "deep_prompt_forward": "deep",
+    "deep_prompt_to_prefix": "deep",
+    "soft_prompt_to_prefix": "deep",
     "PREFIX_FORMAT": "serving",
     "_gather_prefixes": "serving",
     "load_prefix": "serving",

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from autograder.reference.common import IGNORE_INDEX
-from course.compat import kv_geometry
+from course.compat import kv_geometry, output_cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,6 +56,19 @@ def deep_prompt_forward(model, deep: DeepPrompt, input_ids, attention_mask, labe
     if labels is not None:
         inputs["labels"] = torch.cat([labels.new_full((batch, p), IGNORE_INDEX), labels], dim=1)
 
+    handles = _replace_prompt_positions(model, deep, batch)
+    try:
+        return model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _replace_prompt_positions(model: nn.Module, deep: DeepPrompt, batch: int) -> list:
+    """Pre-hooks on every layer > 0 that replace the first ``P`` input positions by
+    ``deep.weight[l]``; returns their handles (the caller removes them)."""
+    p = deep.prompt_len
+
     def make_hook(layer_idx: int):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
@@ -67,13 +80,49 @@ def deep_prompt_forward(model, deep: DeepPrompt, input_ids, attention_mask, labe
 
         return hook
 
-    handles = [
+    return [
         layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
         for i, layer in enumerate(_decoder_layers(model))
         if i > 0
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling a prompt into a key/value cache (notebook 02, section 10)
+# ---------------------------------------------------------------------------------------------
+def _cache_as_prefix(outputs) -> torch.Tensor:
+    """The keys and values a batch-1 forward pass left in its cache, as ``(L, 2, H, P, D)``."""
+    cache = output_cache(outputs)
+    return torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+
+
+@torch.no_grad()
+def soft_prompt_to_prefix(model: nn.Module, prompt: torch.Tensor) -> torch.Tensor:
+    """A soft prompt ``(P, d)`` compiled into the key/value prefix ``(L, 2, H, P, D)`` it gives.
+
+    In a causal decoder the prompt's positions ``0..P-1`` attend only to each other, so the keys
+    and values every layer computes there (after the norm, the projections and the position
+    encoding of positions ``0..P-1``) do not depend on the request: one forward pass over the
+    prompt alone computes them once. Served through ``prefix_forward`` (tokens at positions
+    ``P..P+T-1``), the compiled prefix gives the real tokens exactly the logits the prompt gives
+    them as ``P`` input positions. In the model's dtype, on its device, without gradient.
+    """
+    weight = model.get_input_embeddings().weight
+    embeds = prompt.detach().to(weight.device, weight.dtype).unsqueeze(0)
+    return _cache_as_prefix(model(inputs_embeds=embeds, use_cache=True))
+
+
+@torch.no_grad()
+def deep_prompt_to_prefix(model: nn.Module, deep: DeepPrompt) -> torch.Tensor:
+    """Hidden-state prompts compiled into the key/value prefix ``(L, 2, H, P, D)`` they give:
+    one forward pass over the ``P`` prompt positions alone (``weight[0]`` as input embeddings,
+    the positions replaced by ``weight[l]`` before every later layer ``l``), whose cache holds
+    what the frozen layers compute from ``weight[l]``. Hooks are removed afterwards."""
+    dtype = model.get_input_embeddings().weight.dtype
+    handles = _replace_prompt_positions(model, deep, 1)
     try:
-        return model(**inputs)
+        out = model(inputs_embeds=deep.weight[:1].detach().to(dtype), use_cache=True)
     finally:
         for h in handles:
             h.remove()
+    return _cache_as_prefix(out)
