@@ -11,7 +11,7 @@ from course.backbone import (
     pick_device,
     resolve_backbone,
 )
-from course.compat import cache_keyword, kv_geometry, make_cache
+from course.compat import cache_keyword, kv_geometry, make_cache, output_cache
 from course.training import (
     TrainResult,
     batches,
@@ -42,6 +42,7 @@ __all__ = [
     "kv_geometry",
     "load_backbone",
     "make_cache",
+    "output_cache",
     "pick_device",
     "resolve_backbone",
     "seed_everything",

@@ -158,7 +158,8 @@ class Measurement:
     ``latency_ms``: median time of the batch's forward pass(es). ``weights_mb``: parameters the
     server holds (backbone + every tenant's prompt/prefix, or one full copy per tenant).
     ``kv_mb``: the keys/values the batch attends over, all layers (prefix/prompt positions
-    included)."""
+    included). ``compile_ms``: for prompts compiled into caches, the one-time cost of compiling
+    one tenant's prompt (median over the tenants), paid when the server loads it; else None."""
 
     method: str
     n_tenants: int
@@ -168,6 +169,7 @@ class Measurement:
     latency_ms: float
     weights_mb: float
     kv_mb: float
+    compile_ms: float | None = None
 
 
 def _soft_prompt_forward(model, prompts, tenant_ids, input_ids, attention_mask):
@@ -197,15 +199,20 @@ def measure_serving(
     tokens: int = 32,
     repeats: int = 5,
     seed: int = 0,
+    compile_prompt: Callable | None = None,
 ) -> list[Measurement]:
-    """Serve one mixed batch three ways and measure each.
+    """Serve one mixed batch three ways (four with ``compile_prompt``) and measure each.
 
     * ``"prompt tuning"``: one forward pass, every request carries its tenant's ``P`` soft tokens
       as extra INPUT positions (through every layer, attention and MLP);
     * ``"prefix tuning"``: one forward pass with ``mixed_prefix_forward`` (yours): every layer
       attends to the tenant's ``P`` cached keys/values, no extra positions to compute;
     * ``"fine-tuned copies"``: one full model copy per tenant, so the batch is split by tenant
-      and each part runs on its own copy, one pass after the other.
+      and each part runs on its own copy, one pass after the other;
+    * ``"prompt tuning, compiled"`` (when ``compile_prompt(model, prompt (P, d)) -> (L, 2, H, P,
+      D)`` is given, e.g. notebook 02's ``soft_prompt_to_prefix``): the same soft prompts,
+      compiled once per tenant into the key/value prefix they give (timed separately, as
+      ``compile_ms``), then served with ``mixed_prefix_forward``.
 
     Two sweeps: ``prompt_len`` over ``prompt_lens`` with ``fixed_tenants`` tenants, and the
     number of tenants over ``tenant_counts`` with ``fixed_prompt_len``. The rows of the batch
@@ -251,6 +258,22 @@ def measure_serving(
                 kv_mb,
             ),
         }
+        compile_ms = None
+        if compile_prompt is not None:
+            compiled, times = {}, []
+            for t in names:
+                _sync(device)
+                start = time.perf_counter()
+                with torch.no_grad():
+                    compiled[t] = compile_prompt(model, prompts[t]).to(device, dtype)
+                _sync(device)
+                times.append((time.perf_counter() - start) * 1000)
+            compile_ms = statistics.median(times)
+            runs["prompt tuning, compiled"] = (
+                functools.partial(mixed_prefix_forward, model, compiled, tenant_ids, ids, mask),
+                base_mb + sum(_bytes(v) for v in compiled.values()) / 2**20,
+                kv_mb,
+            )
         if p == fixed_prompt_len:
             copies = {t: copy.deepcopy(model) for t in names}
             rows = {t: [i for i, u in enumerate(tenant_ids) if u == t] for t in names}
@@ -261,23 +284,33 @@ def measure_serving(
                 kv_copies,
             )
         for method, (fn, weights_mb, kv) in runs.items():
-            ms = latency_ms(fn, repeats, 1, device)
+            with torch.no_grad():
+                ms = latency_ms(fn, repeats, 1, device)
+            extra = {"compile_ms": compile_ms} if method == "prompt tuning, compiled" else {}
             results.append(Measurement(method, **common, latency_ms=ms, weights_mb=weights_mb,
-                                       kv_mb=kv))  # fmt: skip
+                                       kv_mb=kv, **extra))  # fmt: skip
     return results
 
 
-_STYLE = {"prompt tuning": "C0", "prefix tuning": "C1", "fine-tuned copies": "C2"}
-_LABEL = {"prompt tuning": "prompt tuning, served naively (P soft tokens per request)"}
-"""Legend text: the prompt measured here runs as input positions in every request; compiled
-into a cache once per tenant it would cost what a prefix costs."""
+_STYLE = {
+    "prompt tuning": ("C0", "o-"),
+    "prompt tuning, compiled": ("C3", "s--"),
+    "prefix tuning": ("C1", "o-"),
+    "fine-tuned copies": ("C2", "o-"),
+}
+_LABEL = {
+    "prompt tuning": "prompt tuning, served naively (P soft tokens per request)",
+    "prompt tuning, compiled": "prompt tuning, compiled once per tenant into a cache",
+}
+"""Legend text: the naive prompt runs as input positions in every request; compiled into a
+cache once per tenant it is served like a prefix."""
 
 
 def plot_serving(results: Sequence[Measurement], fixed_prompt_len: int = 16,
                  fixed_tenants: int = 4) -> Figure:  # fmt: skip
     """Three panels: latency vs prompt/prefix length, latency vs tenants, memory vs tenants."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
-    for method, color in _STYLE.items():
+    for method, (color, line) in _STYLE.items():
         by_len = sorted(
             (r.prompt_len, r.latency_ms)
             for r in results
@@ -289,11 +322,11 @@ def plot_serving(results: Sequence[Measurement], fixed_prompt_len: int = 16,
             if r.method == method and r.prompt_len == fixed_prompt_len
         )
         if len(by_len) > 1:
-            axes[0].plot(*zip(*by_len), "o-", color=color, label=_LABEL.get(method, method))
+            axes[0].plot(*zip(*by_len), line, color=color, label=_LABEL.get(method, method))
         if by_tenants:
             n, ms, mb = zip(*by_tenants)
-            axes[1].plot(n, ms, "o-", color=color, label=_LABEL.get(method, method))
-            axes[2].plot(n, mb, "o-", color=color, label=_LABEL.get(method, method))
+            axes[1].plot(n, ms, line, color=color, label=_LABEL.get(method, method))
+            axes[2].plot(n, mb, line, color=color, label=_LABEL.get(method, method))
     b = results[0].batch if results else 0
     axes[0].set(xlabel="prompt / prefix length P", ylabel="ms per batch",
                 title=f"latency, {fixed_tenants} tenants, batch {b}")  # fmt: skip

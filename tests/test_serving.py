@@ -97,3 +97,46 @@ def test_measure_serving_covers_both_sweeps(tiny_model) -> None:
     assert prefix[3] < copies[3] / 2
     fig = serving.plot_serving(results, fixed_prompt_len=8, fixed_tenants=2)
     assert isinstance(fig, Figure) and len(fig.axes) == 3
+    assert all(r.compile_ms is None for r in results)
+
+
+def test_measure_serving_adds_prompts_compiled_into_caches(tiny_model) -> None:
+    seen = []
+
+    def compile_prompt(model, prompt):
+        seen.append(prompt.shape)
+        return reference.soft_prompt_to_prefix(model, prompt)
+
+    results = serving.measure_serving(
+        tiny_model, reference.mixed_prefix_forward, prompt_lens=(2, 8), tenant_counts=(1, 3),
+        fixed_prompt_len=8, fixed_tenants=2, batch=3, tokens=5, repeats=1,
+        compile_prompt=compile_prompt,
+    )  # fmt: skip
+    compiled = {(r.n_tenants, r.prompt_len): r for r in results if "compiled" in r.method}
+    naive = {(r.n_tenants, r.prompt_len): r for r in results if r.method == "prompt tuning"}
+    assert set(compiled) == set(naive) == {(2, 2), (2, 8), (1, 8), (3, 8)}
+    assert len(seen) == 2 + 2 + 1 + 3  # once per tenant per configuration, never per request
+    for key, r in compiled.items():
+        assert r.compile_ms is not None and r.compile_ms > 0
+        assert r.weights_mb > naive[key].weights_mb  # a cache per tenant outweighs P·d vectors
+    fig = serving.plot_serving(results, fixed_prompt_len=8, fixed_tenants=2)
+    labels = {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
+    assert any("compiled" in label for label in labels)
+
+
+def test_a_compiled_prompt_serves_a_mixed_batch_like_the_prompt_itself(tiny_model) -> None:
+    """What the compiled curve measures is the same computation: each row's real-token logits
+    through mixed_prefix_forward with its tenant's compiled prompt equal the naive prompt's."""
+    g = kv_geometry(tiny_model.config)
+    gen = torch.Generator().manual_seed(3)
+    prompts = {t: torch.randn(4, g["hidden_size"], generator=gen) * 0.3 for t in ("a", "b")}
+    tenants = ["a", "b", "b"]
+    ids = torch.randint(3, tiny_model.config.vocab_size, (3, 6), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[2, :2] = 0  # left padding
+    with torch.no_grad():
+        naive = serving._soft_prompt_forward(tiny_model, prompts, tenants, ids, mask).logits[:, 4:]
+        compiled = {t: reference.soft_prompt_to_prefix(tiny_model, v) for t, v in prompts.items()}
+        served = reference.mixed_prefix_forward(tiny_model, compiled, tenants, ids, mask).logits
+    real = mask.bool()
+    assert (naive - served)[real].abs().max() < 5e-5
