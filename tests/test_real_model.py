@@ -14,6 +14,7 @@ import torch
 from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
 from autograder import reference as R
+from autograder.checks.compiled import FixedPrompt
 from course import load_backbone
 from course.backbone import backbone_signature
 from course.compat import cache_keyword
@@ -207,3 +208,29 @@ def test_prefix_from_text_acts_like_the_text(real):
         input_ids=both, attention_mask=torch.ones_like(both), max_new_tokens=6, **greedy
     )
     assert torch.equal(with_prefix, hard[:, both.shape[1] :])
+
+
+@torch.no_grad()
+def test_compiled_prompts_give_the_real_tokens_the_same_logits(real):
+    """Notebook 02, section 11, on the real model (RoPE, grouped-query attention): a soft prompt
+    and hidden-state prompts compiled into key/value prefixes, served through prefix_forward,
+    give the real tokens of a left-padded batch the logits the prompts themselves give them."""
+    model, tok = real
+    ids, mask = _batch(tok, side="left")
+    real_tokens = mask.bool()
+    d = model.config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    soft = FixedPrompt(torch.randn(P, d, generator=gen) * 0.5)  # weight (P, d), forward(B)
+    naive = R.prompt_forward(model, soft, ids, mask).logits[:, P:]
+    encoder = R.PrefixEncoder(model.config, P)
+    encoder.prefix.data.copy_(R.soft_prompt_to_prefix(model, soft.weight))
+    compiled = R.prefix_forward(model, encoder, ids, mask).logits
+    assert (naive - compiled)[real_tokens].abs().max() < 1e-4
+    plain = model(input_ids=ids, attention_mask=mask).logits
+    assert (naive - plain)[real_tokens].abs().max() > 1.0, "the prompt changed nothing"
+
+    deep = R.DeepPrompt(model.config, P, init_std=0.5, seed=1)
+    naive = R.deep_prompt_forward(model, deep, ids, mask).logits[:, P:]
+    encoder.prefix.data.copy_(R.deep_prompt_to_prefix(model, deep))
+    compiled = R.prefix_forward(model, encoder, ids, mask).logits
+    assert (naive - compiled)[real_tokens].abs().max() < 1e-4

@@ -28,6 +28,7 @@ def soft_kv_swapped(model, prompt):
 def soft_batch_dim_kept(model, prompt):
     """Stacks the cache's keys and values as they are, ``(1, H, P, D)``: a batch dimension too
     many."""
+    prompt = prompt.to(model.dtype)
     with torch.no_grad():
         out = model(inputs_embeds=prompt.unsqueeze(0), use_cache=True)
     return torch.stack([torch.stack([lay.keys, lay.values]) for lay in output_cache(out).layers])
@@ -74,6 +75,7 @@ def soft_keys_unrotated(model, prompt):
     """Reads the keys and values off the key/value projections (forward hooks on ``k_proj``
     and ``v_proj``): on Llama the keys miss the rotary embedding the cache applies after them
     (right on GPT-2, whose positions enter with the input)."""
+    prompt = prompt.to(model.dtype)
     layers = _projection_outputs(model, lambda: model(inputs_embeds=prompt.unsqueeze(0)))
     return torch.stack([torch.stack(pair) for pair in layers])
 
@@ -87,6 +89,37 @@ def soft_memoised_per_model(model, prompt):
     if model not in _MEMO or _MEMO[model].shape[3] != prompt.shape[0]:
         _MEMO[model] = soft_prompt_to_prefix(model, prompt)
     return _MEMO[model]
+
+
+def soft_always_float32(model, prompt):
+    """Returns the prefix as float32 whatever the model's dtype."""
+    return soft_prompt_to_prefix(model, prompt).float()
+
+
+def soft_not_cast(model, prompt):
+    """Feeds the prompt to the model in its own dtype: a float32 prompt into a bfloat16 model
+    fails."""
+    with torch.no_grad():
+        out = model(inputs_embeds=prompt.unsqueeze(0), use_cache=True)
+    return _stack(output_cache(out))
+
+
+def soft_prompt_zeroed(model, prompt):
+    """Compiles correctly, then clears the prompt it was given "to free memory" (in place)."""
+    prefix = soft_prompt_to_prefix(model, prompt)
+    with torch.no_grad():
+        prompt.zero_()
+    return prefix
+
+
+def soft_layers_by_prompt_len(model, prompt):
+    """Confuses L and P: stacks ``prompt.shape[0]`` layers of the cache."""
+    prompt = prompt.to(model.dtype)
+    with torch.no_grad():
+        out = model(inputs_embeds=prompt.unsqueeze(0), use_cache=True)
+    cache = output_cache(out)
+    layers = [cache.layers[i % len(cache.layers)] for i in range(prompt.shape[0])]
+    return torch.stack([torch.stack([lay.keys[0], lay.values[0]]) for lay in layers])
 
 
 # --- deep_prompt_to_prefix --------------------------------------------------------------------
@@ -123,7 +156,7 @@ def deep_compiled_hooks_left(model, deep):
         if i > 0:
             layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
     with torch.no_grad():
-        out = model(inputs_embeds=deep.weight[:1], use_cache=True)
+        out = model(inputs_embeds=deep.weight[:1].to(model.dtype), use_cache=True)
     return _stack(output_cache(out))
 
 
@@ -164,6 +197,38 @@ BUGS = [
         message_contains="same prefix for two different prompts",
     ),
     Bug(
+        name="compile_soft_always_float32",
+        description="the compiled prefix is float32 whatever the model's dtype",
+        notebook="02",
+        replaces={"soft_prompt_to_prefix": soft_always_float32},
+        caught_by=("check_soft_prompt_to_prefix",),
+        message_contains="the model's dtype",
+    ),
+    Bug(
+        name="compile_soft_not_cast",
+        description="the prompt is not cast to the model's dtype: a bfloat16 model fails",
+        notebook="02",
+        replaces={"soft_prompt_to_prefix": soft_not_cast},
+        caught_by=("check_soft_prompt_to_prefix",),
+        message_contains="raised RuntimeError",
+    ),
+    Bug(
+        name="compile_soft_prompt_zeroed",
+        description="compiling clears the caller's trained prompt in place",
+        notebook="02",
+        replaces={"soft_prompt_to_prefix": soft_prompt_zeroed},
+        caught_by=("check_soft_prompt_to_prefix",),
+        message_contains="changed the prompt it was given",
+    ),
+    Bug(
+        name="compile_soft_layers_by_prompt_len",
+        description="L and P confused: the prefix has P layers",
+        notebook="02",
+        replaces={"soft_prompt_to_prefix": soft_layers_by_prompt_len},
+        caught_by=("check_soft_prompt_to_prefix",),
+        message_contains="expected a tensor of shape",
+    ),
+    Bug(
         name="compile_deep_as_soft_prompt",
         description=(
             "hidden-state prompts compiled from weight[0] alone, as if they were a soft prompt: "
@@ -198,6 +263,7 @@ def soft_batched_with_grad(model, prompt):
     """Runs the prompt as a batch of two identical rows with an explicit mask and positions,
     keeps the autograd graph, and returns row 0 (the prefix still requires grad)."""
     p = prompt.shape[0]
+    prompt = prompt.to(model.dtype)
     out = model(
         inputs_embeds=prompt.unsqueeze(0).expand(2, -1, -1),
         attention_mask=torch.ones(2, p, dtype=torch.long),
@@ -223,7 +289,7 @@ def deep_replaced_in_outputs(model, deep):
     handles = [layers[i - 1].register_forward_hook(make_hook(i)) for i in range(1, len(layers))]
     try:
         with torch.no_grad():
-            out = model(inputs_embeds=deep.weight[:1], use_cache=True)
+            out = model(inputs_embeds=deep.weight[:1].to(model.dtype), use_cache=True)
     finally:
         for handle in handles:
             handle.remove()

@@ -8,16 +8,20 @@ served through ``prefix_forward`` (tokens at positions ``P..P+T-1``), gives the 
 exactly the logits the prompt gives them.
 
 An *observe* / *judge* pair (see :mod:`autograder.checks.protocol`). Observing calls the
-student's function on grader-chosen prompts for each tiny model (two different prompts, so a
-result computed once and reused shows), and records what the model gives without a prompt
-afterwards (a hook left behind shows). Judging decides on behaviour: the compiled prefix, served
-through the reference's ``prefix_forward``, must give the real tokens the logits that the
-reference's ``prepend_prompt`` (or ``deep_prompt_forward``) gives them; comparing the tensor with
-the reference's compiled prefix, layer by layer, explains a failure.
+student's function on grader-chosen prompts for each tiny model: two prompts of one length (a
+result computed once and reused shows), one of another length (``P`` never equals the models'
+``L``, so the two cannot be confused), and the last one again on a bfloat16 copy of the model (the
+prefix must come in the model's dtype). It records whether a call changed the prompt it was
+given, and the state of the model afterwards: hooks left, parameters changed or unfrozen, train
+mode, its logits without a prompt. Judging decides on behaviour: each compiled prefix must equal
+the reference's, and, served through the reference's ``prefix_forward``, give the real tokens the
+logits the reference's ``prepend_prompt`` (or ``deep_prompt_forward``) gives them; comparing the
+tensors layer by layer explains a failure.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +45,14 @@ __all__ = [
     "observe_soft_prompt_to_prefix",
 ]
 
-_P = 3
+_CALLS = (("first", 50, 2), ("second", 51, 2), ("third", 52, 5))
+"""``(observation key, grader input, P)``: two prompts of one length, one of another; ``P`` is
+never the tiny models' ``L`` (3)."""
+_HALF = ("bf16", 52, 5)
+"""The third prompt (float32) again, on a bfloat16 copy of the model."""
+_HALF_RTOL = 0.02
+"""bfloat16 keeps 8 bits of mantissa: a valid implementation that rounds at another step
+differs by about 1% of the values' scale."""
 _SCALE = 0.5
 """The grader's prompt vectors are drawn at this std: large enough that every layer's keys and
 values differ clearly from a model run without them."""
@@ -78,18 +89,22 @@ class FixedDeep(nn.Module):
         self.prompt_len = weight.shape[1]
 
 
-def _soft_values(model: nn.Module, n: int) -> torch.Tensor:
-    """A soft prompt ``(P, d)`` chosen by the grader: input ``n`` of the variant."""
+def _soft_values(model: nn.Module, n: int, p: int) -> torch.Tensor:
+    """A soft prompt ``(P, d)`` chosen by the grader: input ``n`` of the variant (float32)."""
     d = _geometry(model)[4]
     gen = torch.Generator().manual_seed(seeded(n))
-    return torch.randn(_P, d, generator=gen) * _SCALE
+    return torch.randn(p, d, generator=gen) * _SCALE
 
 
-def _deep_values(model: nn.Module, n: int) -> torch.Tensor:
+def _deep_values(model: nn.Module, n: int, p: int) -> torch.Tensor:
     """Hidden-state prompts ``(L, P, d)`` chosen by the grader: input ``n`` of the variant."""
     n_layers, _, _, _, d = _geometry(model)
     gen = torch.Generator().manual_seed(seeded(n))
-    return torch.randn(n_layers, _P, d, generator=gen) * _SCALE
+    return torch.randn(n_layers, p, d, generator=gen) * _SCALE
+
+
+def _prompt_tensor(given: Any) -> torch.Tensor:
+    return given.weight if isinstance(given, nn.Module) else given
 
 
 def _hooks(model: nn.Module) -> int:
@@ -99,22 +114,44 @@ def _hooks(model: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------
 # observe
 # ---------------------------------------------------------------------------------------------
-def _observe(fn: Callable, what: str, make_input: Callable, inputs: tuple[int, int]) -> dict:
-    """Per tiny model (frozen): ``fn(model, make_input(values))`` for two grader inputs, the
-    hooks left on the model, and its logits without a prompt afterwards."""
+def _call(observed: dict, key: str, what: str, fn: Callable, model: nn.Module, given) -> None:
+    before = _prompt_tensor(given).detach().clone()
+    out = student_call(what, fn, model, given)
+    observed[key] = _maybe_tensor(out)
+    observed[f"{key}_type"] = describe(out)
+    observed[f"{key}_input_changed"] = not torch.equal(_prompt_tensor(given).detach(), before)
+
+
+def _observe(fn: Callable, what: str, make_input: Callable) -> dict:
+    """Per tiny model (frozen): ``fn(model, make_input(model, n, p))`` for the grader inputs of
+    :data:`_CALLS` and, on a bfloat16 copy of the model, :data:`_HALF`; whether each call changed
+    the prompt it was given; then the model's state: hooks left, parameters changed or
+    trainable, train mode, and its logits without a prompt."""
     models = []
     for label, model in tiny_models():
         _freeze(model)
+        half = copy.deepcopy(model).to(torch.bfloat16)
         hooks = _hooks(model)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         observed: dict[str, Any] = {"label": label}
-        for key, n in zip(("first", "second"), inputs, strict=True):
-            out = student_call(what, fn, model, make_input(model, n))
-            observed[key] = _maybe_tensor(out)
-            observed[f"{key}_type"] = describe(out)
+        for key, n, p in _CALLS:
+            _call(observed, key, what, fn, model, make_input(model, n, p))
+        key, n, p = _HALF
+        on_half = (
+            f"{what} on a bfloat16 model, given a float32 prompt (cast it to the model's dtype),"
+        )
+        _call(observed, key, on_half, fn, half, make_input(model, n, p))
         batch = Batch()
         with torch.no_grad():
             after = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        observed.update(after=_maybe_tensor(after.logits), hooks_left=_hooks(model) - hooks)
+        now = model.state_dict()
+        observed.update(
+            after=_maybe_tensor(after.logits),
+            hooks_left=_hooks(model) - hooks,
+            training=bool(model.training),
+            trainable=sorted(n for n, t in model.named_parameters() if t.requires_grad),
+            changed=sorted(k for k, v in state.items() if not torch.equal(now[k], v)),
+        )
         models.append(observed)
     return {"models": models}
 
@@ -122,9 +159,7 @@ def _observe(fn: Callable, what: str, make_input: Callable, inputs: tuple[int, i
 def observe_soft_prompt_to_prefix(soft_prompt_to_prefix: Callable) -> dict:
     """Per tiny model: the student's compiled prefix for two grader-chosen soft prompts
     ``(P, d)``, and the model's logits without a prompt afterwards."""
-    return _observe(
-        soft_prompt_to_prefix, _SOFT, lambda model, n: _soft_values(model, n).clone(), (50, 51)
-    )
+    return _observe(soft_prompt_to_prefix, _SOFT, _soft_values)
 
 
 def observe_deep_prompt_to_prefix(deep_prompt_to_prefix: Callable) -> dict:
@@ -132,14 +167,16 @@ def observe_deep_prompt_to_prefix(deep_prompt_to_prefix: Callable) -> dict:
     module with ``weight (L, P, d)`` and ``prompt_len``), and the model's logits without a prompt
     afterwards."""
     return _observe(
-        deep_prompt_to_prefix, _DEEP, lambda model, n: FixedDeep(_deep_values(model, n)), (52, 53)
+        deep_prompt_to_prefix, _DEEP, lambda model, n, p: FixedDeep(_deep_values(model, n, p))
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # judge
 # ---------------------------------------------------------------------------------------------
-def _judge_shape(label: str, what: str, o: Observed, key: str, shape: tuple[int, ...]) -> None:
+def _judge_shape(
+    label: str, what: str, o: Observed, key: str, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
     got = o.maybe_tensor(key)
     if got is None or tuple(got.shape) != shape:
         shown = describe(got) if got is not None else o.str(f"{key}_type")
@@ -153,12 +190,21 @@ def _judge_shape(label: str, what: str, o: Observed, key: str, shape: tuple[int,
             f"{label}: {what} returned {shown}, expected a tensor of shape {shape} "
             f"(L, 2, H_kv, P, D): per layer, the P keys then the P values{hint}"
         )
-    if got.dtype != torch.float32:
+    if got.dtype != dtype:
+        model_dtype = str(dtype).removeprefix("torch.")
         raise AssertionError(
-            f"{label}: {what} returned {describe(got)}, expected the model's dtype float32"
+            f"{label}: {what} returned {describe(got)} for a {model_dtype} model (given a float32 "
+            f"prompt), expected the model's dtype {model_dtype}: the prefix is served in the "
+            "model's dtype"
         )
     if not torch.isfinite(got).all():
         raise AssertionError(f"{label}: {what} returned non-finite values")
+    if o.bool(f"{key}_input_changed"):
+        raise AssertionError(
+            f"{label}: {what} changed the prompt it was given (in place): compiling must leave "
+            "the trained prompt as it was"
+        )
+    return got
 
 
 def _explain(label: str, what: str, got: torch.Tensor, want: torch.Tensor, deep: bool) -> None:
@@ -203,7 +249,12 @@ def _explain(label: str, what: str, got: torch.Tensor, want: torch.Tensor, deep:
 
 
 def _judge_logits(label: str, what: str, model: nn.Module, got: torch.Tensor, want) -> None:
-    """The compiled prefix through ``prefix_forward`` gives the real tokens ``want``."""
+    """The compiled prefix through ``prefix_forward`` gives the real tokens ``want``. Skipped
+    where the reference is replayed (a student package): the stored results answer only the
+    inputs they were recorded for (within 1e-6), and the prefix has already been compared with
+    the reference's; grading always has the reference and runs it."""
+    if fixtures.is_replay():
+        return
     batch = Batch()
     with torch.no_grad():
         served = _reference().prefix_forward(
@@ -218,69 +269,99 @@ def _judge_logits(label: str, what: str, model: nn.Module, got: torch.Tensor, wa
         )
 
 
-def _judge_after(label: str, what: str, model: nn.Module, o: Observed) -> None:
+def _judge_model_state(label: str, what: str, model: nn.Module, o: Observed) -> None:
+    """The model as it was: no hook left, no parameter changed or unfrozen, eval mode, and the
+    same logits without a prompt."""
+    hooks = o.int("hooks_left")
+    if hooks != 0:
+        raise AssertionError(
+            f"{label}: {what} left {hooks} hooks on the model: every later forward pass would "
+            "run them; remove each one before returning (handle.remove() in a finally block)"
+        )
+    changed, trainable = o.strings("changed"), o.strings("trainable")
+    if changed or trainable or o.bool("training"):
+        what_changed = (
+            f"parameters or buffers {changed[:3]} changed"
+            if changed
+            else f"parameters {trainable[:3]} require grad again"
+            if trainable
+            else "the model was left in train mode"
+        )
+        raise AssertionError(
+            f"{label}: after {what} returned, {what_changed}: compiling reads the frozen model "
+            "and must leave it exactly as it was"
+        )
     batch = Batch()
     with torch.no_grad():
         plain = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     after = o.maybe_tensor("after")
     if after is None or after.shape != plain.shape or not max_diff(after, plain) <= 1e-5:
         raise AssertionError(
-            f"{label}: after {what} returned, the model WITHOUT a prompt gives other logits "
-            f"({o.int('hooks_left')} hooks were left on it): remove every hook before returning "
-            "(handle.remove() in a finally block)"
+            f"{label}: after {what} returned, the model WITHOUT a prompt gives other logits: "
+            "compiling must leave the model exactly as it was"
         )
+
+
+def _judge(obs: Observed, what: str, make_input: Callable, compile_ref: Callable,
+           forward_ref: Callable, deep: bool) -> None:  # fmt: skip
+    ref = _reference()
+    for label, model, o in _per_model(obs):
+        ref.freeze_backbone(model)
+        n_layers, h, dim, _, _ = _geometry(model)
+        batch = Batch()
+        results: dict[str, torch.Tensor] = {}
+        for key, n, p in _CALLS:
+            got = _judge_shape(label, what, o, key, (n_layers, 2, h, p, dim), torch.float32)
+            given = make_input(model, n, p)
+            with torch.no_grad():
+                want = compile_ref(model, given)
+                logits = forward_ref(model, given, batch).logits[:, p:]
+            if key == "second" and max_diff(got, results["first"]) <= _TENSOR_ATOL:
+                raise AssertionError(
+                    f"{label}: {what} gave the same prefix for two different prompts: compile "
+                    "the prompt it is given (nothing kept from an earlier call)"
+                )
+            _explain(label, what, got, want, deep)
+            _judge_logits(label, what, model, got, logits)
+            results[key] = got
+        key, n, p = _HALF
+        got = _judge_shape(label, what, o, key, (n_layers, 2, h, p, dim), torch.bfloat16)
+        with torch.no_grad():
+            want = compile_ref(copy.deepcopy(model).to(torch.bfloat16), make_input(model, n, p))
+        scale = want.float().abs().max().item()
+        if not max_diff(got, want) <= _HALF_RTOL * scale:
+            raise AssertionError(
+                f"{label}: {what} on a bfloat16 model (given a float32 prompt) differs from the "
+                f"keys and values the model computes by up to {max_diff(got, want):.3g} (their "
+                f"scale {scale:.3g}): cast the prompt to the model's dtype and compile in it"
+            )
+        _judge_model_state(label, what, model, o)
 
 
 def judge_soft_prompt_to_prefix(obs: Observed) -> None:
     ref = _reference()
-    for label, model, o in _per_model(obs):
-        ref.freeze_backbone(model)
-        batch = Batch()
-        for key, n in (("first", 50), ("second", 51)):
-            values = _soft_values(model, n)
-            n_layers, h, dim, _, _ = _geometry(model)
-            shape = (n_layers, 2, h, _P, dim)
-            _judge_shape(label, _SOFT, o, key, shape)
-            got = o.tensor(key, shape)
-            if key == "second" and max_diff(got, o.tensor("first", shape)) <= _TENSOR_ATOL:
-                raise AssertionError(
-                    f"{label}: {_SOFT} gave the same prefix for two different prompts: compile "
-                    "the prompt it is given (nothing kept from an earlier call)"
-                )
-            with torch.no_grad():
-                want = ref.soft_prompt_to_prefix(model, values)
-                logits = ref.prompt_forward(
-                    model, FixedPrompt(values), batch.input_ids, batch.attention_mask
-                ).logits[:, _P:]
-            _explain(label, _SOFT, got, want, deep=False)
-            _judge_logits(label, _SOFT, model, got, logits)
-        _judge_after(label, _SOFT, model, o)
+    _judge(
+        obs,
+        _SOFT,
+        _soft_values,
+        ref.soft_prompt_to_prefix,
+        lambda model, values, b: ref.prompt_forward(
+            model, FixedPrompt(values), b.input_ids, b.attention_mask
+        ),
+        deep=False,
+    )
 
 
 def judge_deep_prompt_to_prefix(obs: Observed) -> None:
     ref = _reference()
-    for label, model, o in _per_model(obs):
-        ref.freeze_backbone(model)
-        batch = Batch()
-        for key, n in (("first", 52), ("second", 53)):
-            deep = FixedDeep(_deep_values(model, n))
-            n_layers, h, dim, _, _ = _geometry(model)
-            shape = (n_layers, 2, h, _P, dim)
-            _judge_shape(label, _DEEP, o, key, shape)
-            got = o.tensor(key, shape)
-            if key == "second" and max_diff(got, o.tensor("first", shape)) <= _TENSOR_ATOL:
-                raise AssertionError(
-                    f"{label}: {_DEEP} gave the same prefix for two different deep prompts: "
-                    "compile the vectors it is given (nothing kept from an earlier call)"
-                )
-            with torch.no_grad():
-                want = ref.deep_prompt_to_prefix(model, deep)
-                logits = ref.deep_prompt_forward(
-                    model, deep, batch.input_ids, batch.attention_mask
-                ).logits[:, _P:]
-            _explain(label, _DEEP, got, want, deep=True)
-            _judge_logits(label, _DEEP, model, got, logits)
-        _judge_after(label, _DEEP, model, o)
+    _judge(
+        obs,
+        _DEEP,
+        lambda model, n, p: FixedDeep(_deep_values(model, n, p)),
+        ref.deep_prompt_to_prefix,
+        lambda model, deep, b: ref.deep_prompt_forward(model, deep, b.input_ids, b.attention_mask),
+        deep=True,
+    )
 
 
 def check_soft_prompt_to_prefix(soft_prompt_to_prefix: Callable) -> None:
