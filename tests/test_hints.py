@@ -23,8 +23,8 @@ HINTED = {  # notebook -> the graded functions with hints (the six hardest of th
     "04_serving": ["mixed_prefix_forward", "mixed_generate"],
     "05_debugging": ["checkpoint_safe_prefix_forward"],
 }
-WITH_TIME = ["00_backbone_tour", "01_prompt_tuning", "02_prefix_tuning", "04_serving"]
-WITH_TIME += ["05_debugging"]
+WITH_TIME = ["00_backbone_tour", "01_prompt_tuning", "02_prefix_tuning", "03_experiments"]
+WITH_TIME += ["04_serving", "05_debugging"]
 PAPERS = {"2104.08691", "2101.00190", "2110.07602", "2203.12119", "2107.13586"}
 
 
