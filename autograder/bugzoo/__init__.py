@@ -19,6 +19,7 @@ Use::
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,29 +112,17 @@ def graded_objects(bug: Bug | Variant | None = None) -> dict[str, object]:
     return objects
 
 
-def _registry() -> dict[str, Bug]:
-    from autograder.bugzoo import (
-        compiled,
-        debugging,
-        deep,
-        experiments,
-        frozen,
-        prefix,
-        prompt,
-        serving,
-    )
+_MODULES = ("frozen", "prompt", "prefix", "deep", "compiled", "experiments", "serving", "debugging")
+"""The zoo's parts, in notebook order."""
 
+
+def _modules() -> list[Any]:
+    return [importlib.import_module(f"autograder.bugzoo.{name}") for name in _MODULES]
+
+
+def _registry() -> dict[str, Bug]:
     bugs: dict[str, Bug] = {}
-    for bug in (
-        *frozen.BUGS,
-        *prompt.BUGS,
-        *prefix.BUGS,
-        *deep.BUGS,
-        *compiled.BUGS,
-        *experiments.BUGS,
-        *serving.BUGS,
-        *debugging.BUGS,
-    ):
+    for bug in (bug for module in _modules() for bug in module.BUGS):
         if bug.name in bugs:
             raise ValueError(f"duplicate bug name {bug.name!r}")
         bugs[bug.name] = bug
@@ -141,19 +130,8 @@ def _registry() -> dict[str, Bug]:
 
 
 def _variants() -> dict[str, Variant]:
-    from autograder.bugzoo import (
-        compiled,
-        debugging,
-        deep,
-        experiments,
-        frozen,
-        prefix,
-        prompt,
-        serving,
-    )
-
     variants: dict[str, Variant] = {}
-    for module in (frozen, prompt, prefix, deep, compiled, experiments, serving, debugging):
+    for module in _modules():
         for variant in getattr(module, "VARIANTS", ()):
             if variant.name in variants or variant.name in __getattr__("BUGS"):
                 raise ValueError(f"duplicate variant name {variant.name!r}")

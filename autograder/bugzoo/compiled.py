@@ -8,6 +8,7 @@ import weakref
 import torch
 
 from autograder.bugzoo import Bug, Variant
+from autograder.bugzoo.deep import _replace_before_layers
 from autograder.checks.recording import decoder_layers
 from autograder.reference import soft_prompt_to_prefix
 from course.compat import kv_geometry, output_cache
@@ -139,22 +140,7 @@ def deep_weights_as_kv(model, deep):
 
 def deep_compiled_hooks_left(model, deep):
     """Replaces the prompt positions with pre-hooks that are never removed."""
-    p = deep.prompt_len
-
-    def make_hook(i):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            vec = deep.weight[i].to(hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
-            hidden = torch.cat([vec, hidden[:, p:]], dim=1)
-            if args:
-                return (hidden, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": hidden}
-
-        return hook
-
-    for i, layer in enumerate(decoder_layers(model)):
-        if i > 0:
-            layer.register_forward_pre_hook(make_hook(i), with_kwargs=True)
+    _replace_before_layers(model, deep)
     with torch.no_grad():
         out = model(inputs_embeds=deep.weight[:1].to(model.dtype), use_cache=True)
     return _stack(output_cache(out))
