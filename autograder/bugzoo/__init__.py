@@ -39,6 +39,8 @@ GRADED: tuple[str, ...] = (
     "deep_prompt_forward",
     "soft_prompt_to_prefix",
     "deep_prompt_to_prefix",
+    "prompt_function",
+    "label_scores",
     "save_prefix",
     "load_prefix",
     "mixed_prefix_forward",
@@ -112,7 +114,17 @@ def graded_objects(bug: Bug | Variant | None = None) -> dict[str, object]:
     return objects
 
 
-_MODULES = ("frozen", "prompt", "prefix", "deep", "compiled", "experiments", "serving", "debugging")
+_MODULES = (
+    "frozen",
+    "prompt",
+    "prefix",
+    "deep",
+    "compiled",
+    "prompting",
+    "experiments",
+    "serving",
+    "debugging",
+)
 """The zoo's parts, in notebook order."""
 
 

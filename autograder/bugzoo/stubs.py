@@ -92,6 +92,16 @@ def deep_prompt_to_prefix(model, deep):
     raise NotImplementedError()
 
 
+def prompt_function(template, x):
+    # YOUR CODE HERE
+    raise NotImplementedError()
+
+
+def label_scores(logits, attention_mask, label_ids):
+    # YOUR CODE HERE
+    raise NotImplementedError()
+
+
 def save_prefix(encoder_or_tensor, path, meta=None):
     # YOUR CODE HERE
     raise NotImplementedError()
@@ -146,6 +156,8 @@ STUBS: dict[str, object] = {
     "deep_prompt_forward": deep_prompt_forward,
     "soft_prompt_to_prefix": soft_prompt_to_prefix,
     "deep_prompt_to_prefix": deep_prompt_to_prefix,
+    "prompt_function": prompt_function,
+    "label_scores": label_scores,
     "save_prefix": save_prefix,
     "load_prefix": load_prefix,
     "mixed_prefix_forward": mixed_prefix_forward,

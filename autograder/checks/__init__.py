@@ -12,6 +12,7 @@ with a message that says what was observed, what was expected and the likely mis
 * :mod:`~autograder.checks.deep` — notebook 02, the hidden-state ("deep prompt") form.
 * :mod:`~autograder.checks.compiled` — notebook 02, a soft prompt or hidden-state prompts
   compiled into a key/value prefix.
+* :mod:`~autograder.checks.prompting` — notebook 03, prompt functions and verbalizers.
 * :mod:`~autograder.checks.experiments` — notebook 03, every method behind one interface and
   the equal-budget sweep harness.
 * :mod:`~autograder.checks.serving` — notebook 04, prefix files and mixed-tenant batches.
@@ -52,6 +53,8 @@ CHECKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "check_deep_prompt": ("deep", ("DeepPrompt", "deep_prompt_forward")),
     "check_soft_prompt_to_prefix": ("compiled", ("soft_prompt_to_prefix",)),
     "check_deep_prompt_to_prefix": ("compiled", ("deep_prompt_to_prefix",)),
+    "check_prompt_function": ("prompting", ("prompt_function",)),
+    "check_label_scores": ("prompting", ("label_scores",)),
     "check_method_parameters": ("experiments", ("make_method",)),
     "check_method_functions": ("experiments", ("make_method",)),
     "check_run_sweep": ("experiments", ("run_sweep",)),

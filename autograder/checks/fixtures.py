@@ -111,6 +111,8 @@ VISIBLE_CHECKS: tuple[str, ...] = (
     "check_deep_prompt",
     "check_soft_prompt_to_prefix",
     "check_deep_prompt_to_prefix",
+    "check_prompt_function",
+    "check_label_scores",
     "check_method_parameters",
     "check_method_functions",
     "check_run_sweep",
@@ -121,7 +123,7 @@ VISIBLE_CHECKS: tuple[str, ...] = (
 )
 """The checks visible cells of notebooks 00-05 call (``selfcheck.run(checks.<module>.<name>``)."""
 
-_JACOBIAN = frozenset({"prepend_prompt"})
+_JACOBIAN = frozenset({"prepend_prompt", "label_scores"})
 """Calls whose non-scalar outputs a judge differentiates through (``model(**expected)``): their
 full Jacobian with respect to the trainable inputs is recorded, sparse. Every other call has the
 derivatives of its scalar outputs (a loss) recorded."""
@@ -140,6 +142,7 @@ _SOURCES = (
     "autograder/checks/models.py",
     "autograder/checks/prefix.py",
     "autograder/checks/prompt.py",
+    "autograder/checks/prompting.py",
     "autograder/checks/protocol.py",
     "autograder/checks/recording.py",
     "autograder/checks/serving.py",

@@ -59,8 +59,14 @@ UNLOCKS: dict[str, tuple[str, ...]] = {
         "autograder/reference/deep.py",
         "autograder/bugzoo/prefix.py",
         "autograder/bugzoo/deep.py",
+        "autograder/bugzoo/compiled.py",
     ),
-    "03_experiments": ("autograder/reference/experiments.py", "autograder/bugzoo/experiments.py"),
+    "03_experiments": (
+        "autograder/reference/prompting.py",
+        "autograder/reference/experiments.py",
+        "autograder/bugzoo/prompting.py",
+        "autograder/bugzoo/experiments.py",
+    ),
     "04_serving": ("autograder/reference/serving.py", "autograder/bugzoo/serving.py"),
     "05_debugging": ("autograder/reference/debugging.py", "autograder/bugzoo/debugging.py"),
 }

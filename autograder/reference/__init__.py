@@ -10,6 +10,7 @@ did with these, and the benchmarks and demo use them. Shapes follow the course's
 * :mod:`~autograder.reference.prefix` — deep prefix tuning, key/value form (02);
 * :mod:`~autograder.reference.deep` — the hidden-state form, and compiling a prompt into a
   key/value prefix (02);
+* :mod:`~autograder.reference.prompting` — prompt functions and verbalizers (03);
 * :mod:`~autograder.reference.experiments` — ``make_method``, ``run_sweep`` (03);
 * :mod:`~autograder.reference.serving` — prefix files, mixed-tenant batches (04);
 * :mod:`~autograder.reference.debugging` — a prefix under gradient checkpointing (05);
@@ -53,6 +54,8 @@ _WHERE: dict[str, str] = {
     "save_prefix": "serving",
     "PREFIX_ATTENTION": "debugging",
     "checkpoint_safe_prefix_forward": "debugging",
+    "prompt_function": "prompting",
+    "label_scores": "prompting",
     "METHODS": "experiments",
     "Method": "experiments",
     "lora_targets": "experiments",
@@ -73,6 +76,7 @@ NOTEBOOK_OF: dict[str, str] = {
     "prompt": "01_prompt_tuning",
     "prefix": "02_prefix_tuning",
     "deep": "02_prefix_tuning",
+    "prompting": "03_experiments",
     "experiments": "03_experiments",
     "serving": "04_serving",
     "debugging": "05_debugging",
