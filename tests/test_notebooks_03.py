@@ -88,7 +88,7 @@ def test_budget_line_points_and_manual_answers_stated(nb):
     )
     assert f"({auto} points)" in intro, f"the intro should state {auto} points of code"
     manual = [c for c in graded if c.cell_type == "markdown"]
-    assert len(manual) == 2 and "2 short answers" in intro
+    assert len(manual) == 3 and "3 short answers" in intro
 
 
 def test_published_numbers_are_labelled_as_theirs(nb):
