@@ -37,36 +37,66 @@ _VALID = (
     "[X] =>[Z]",
     "Review: [X]\nSentiment:[Z]",
     "Q: [X] A: [Z]",
-    "[X] All in all, the food was[Z]",
+    "[X][Z]",
+    "  Avis « [X] » {n}: 100% $\\ [x]\t[Z]",
 )
-"""Prefix prompts: exactly one input slot, the answer slot last (the third keeps a space before
-it, which belongs to the prompt)."""
+"""Prefix prompts: exactly one input slot, the answer slot last. Spaces before [Z] or at the
+start belong to the prompt; braces, percent signs, dollars, backslashes, a lower-case "[x]",
+tabs and non-ASCII text are just text."""
 _INVALID = (
     "[X] It was [Z].",  # a cloze prompt: text after the answer slot
+    "[X] =>[Z] ",  # a space after the answer slot is text after it too
+    "[X] =>[Z]\n",
     "It was[Z]",  # no input slot
     "[X] and [X] =>[Z]",  # two input slots
     "[X] =>[Z] [Z]",  # two answer slots
     "[Z] [X]",  # the answer slot first
 )
 _WORDS = ("crisp", "soggy", "friendly", "slow", "bright", "noisy", "fresh", "bland", "warm")
-_AWKWARD = (" [Z] was promised", "a [X] in the text", "  two leading spaces", "line\nbreak ")
-"""Inputs that contain a slot's marker or odd whitespace: the input is text, never a template."""
+_AWKWARD = (
+    " [Z] was promised",
+    "a [X] in the text",
+    "  two leading spaces",
+    "line\nbreak ",
+    r"C:\new \1 \g<0> {0} %s $x",
+    "café crème",
+    "",
+    "ends in ]",
+    "ends in Z",
+)
+"""Inputs used as they are: slot markers, odd whitespace, regex and format syntax, non-ASCII,
+nothing at all. The input is text, never a template."""
+_PIECES = ("Review:", " ", "  ", "\t", "\n", "{}", "{x}", "%s", "%", "$x", "\\", "«", "»", "[x]",
+           "Z]", "[", "]", "=>", "é", "X", "Z")  # fmt: skip
+"""What the variant's own templates are made of, around their two slots."""
 
 
 def _reference():
     return fixtures.reference()
 
 
+def _drawn_template(rng: random.Random) -> str:
+    def text() -> str:
+        return "".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 4)))
+
+    while True:
+        template = text() + "[X]" + text() + "[Z]"
+        if template.count("[X]") == 1 and template.count("[Z]") == 1:
+            return template
+
+
 def _inputs() -> list[tuple[str, str]]:
-    """``(template, x)`` pairs of the variant: every template with a drawn input, and the
-    awkward inputs in the first template."""
+    """``(template, x)`` pairs of the variant: every fixed template and four drawn from
+    :data:`_PIECES`, each with a drawn input; then every awkward input as it is, in a template
+    drawn from the valid ones (``"[X][Z]"`` among them)."""
     rng = random.Random(seeded(70))
+    templates = [*_VALID, *(_drawn_template(rng) for _ in range(4)), *_INVALID]
     pairs = []
-    for template in (*_VALID, *_INVALID):
+    for template in templates:
         x = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(1, 4)))
         pairs.append((template, x.capitalize()))
-    for x in _AWKWARD:
-        pairs.append((rng.choice(_VALID), rng.choice(_WORDS) + x))
+    for x in _AWKWARD:  # an input ending in "]" or "Z" right before [Z]: nothing may be stripped
+        pairs.append(("[X][Z]" if x.endswith(("]", "Z")) else rng.choice(_VALID), x))
     return pairs
 
 
@@ -155,23 +185,38 @@ def check_prompt_function(prompt_function: Callable) -> None:
 # ---------------------------------------------------------------------------------------------
 # label_scores
 # ---------------------------------------------------------------------------------------------
-_B, _T, _V = 4, 6, 13
+_V = 13
 _WHAT = "label_scores(logits, attention_mask, label_ids)"
 
 
 def _scores_inputs() -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
-    """``(logits (B, T, V), attention_mask, label_ids, weights)`` of the variant: rows full,
-    left-padded, right-padded, and padded on both sides; three distinct label ids in a drawn
-    order; weights for a weighted sum whose gradient is compared."""
-    gen = torch.Generator().manual_seed(seeded(71))
-    logits = torch.randn(_B, _T, _V, generator=gen) * 2
-    mask = torch.ones(_B, _T, dtype=torch.long)
-    mask[1, :2] = 0  # left padding
-    mask[2, -2:] = 0  # right padding
-    mask[3, :1] = 0
-    mask[3, -2:] = 0
-    ids = torch.randperm(_V, generator=gen)[:3].tolist()
-    weights = torch.randn(_B, 3, generator=gen)
+    """``(logits (B, T, V), attention_mask, label_ids, weights)`` of the variant. ``T`` is
+    drawn; the rows, in a drawn order, are one full row, one left-padded, one right-padded (and
+    one by three or more), one padded on both sides and one with a single real token, each with
+    drawn widths; three distinct label ids, never in sorted or set order; weights for a weighted
+    sum whose gradient is compared."""
+    rng = random.Random(seeded(71))
+    gen = torch.Generator().manual_seed(seeded(72))
+    t = rng.randint(5, 9)
+    spans = [
+        (0, t),
+        (rng.randint(1, t - 2), t),
+        (0, t - rng.randint(1, t - 2)),
+        (1, t - rng.randint(1, t - 3)),
+        (rng.randint(0, t - 1),) * 2,
+    ]
+    spans[4] = (spans[4][0], spans[4][0] + 1)
+    spans.append((0, t - rng.randint(3, t - 2)))  # three or more padding tokens on the right
+    rng.shuffle(spans)
+    mask = torch.zeros(len(spans), t, dtype=torch.long)
+    for row, (start, end) in enumerate(spans):
+        mask[row, start:end] = 1
+    logits = torch.randn(len(spans), t, _V, generator=gen) * 2
+    while True:
+        ids = rng.sample(range(_V), 3)
+        if ids != sorted(ids) and ids != list(set(ids)):
+            break
+    weights = torch.randn(len(spans), 3, generator=gen)
     return logits, mask, ids, weights
 
 
@@ -202,7 +247,7 @@ def observe_label_scores(label_scores: Callable) -> dict:
 
 def _explain_scores(got: torch.Tensor, logits, mask, ids, want) -> str:
     """The likely mistake, from which simpler reading of the logits ``got`` equals."""
-    rows = torch.arange(_B)
+    rows = torch.arange(logits.shape[0])
     idx = torch.tensor(ids)
     candidates = {
         "the logits of the LAST position were read, but a right-padded row's answer slot is its "
@@ -215,7 +260,7 @@ def _explain_scores(got: torch.Tensor, logits, mask, ids, want) -> str:
     for why, at in candidates.items():
         if max_diff(got, torch.log_softmax(at, -1)[:, idx]) <= 1e-5:
             return why
-    last = (torch.arange(_T) * mask.bool()).argmax(1)
+    last = (torch.arange(logits.shape[1]) * mask.bool()).argmax(1)
     at_z = logits[rows, last]
     if max_diff(got, at_z[:, idx]) <= 1e-5:
         return (
@@ -240,10 +285,10 @@ def judge_label_scores(obs: Observed) -> None:
     want = ref.label_scores(leaf, mask, ids)
     (want_grad,) = torch.autograd.grad((want * weights).sum(), leaf)
     got = obs.maybe_tensor("scores")
-    if got is None or tuple(got.shape) != (_B, len(ids)):
+    if got is None or tuple(got.shape) != tuple(weights.shape):
         shown = describe(got) if got is not None else obs.str("type")
         raise AssertionError(
-            f"{_WHAT} returned {shown}, expected a tensor of shape {(_B, len(ids))} "
+            f"{_WHAT} returned {shown}, expected a tensor of shape {tuple(weights.shape)} "
             "(B, number of labels)"
         )
     if obs.bool("logits_changed"):
