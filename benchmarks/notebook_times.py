@@ -31,7 +31,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-from autograder.pipeline import warm
+from autograder.pipeline import sandbox, warm
 from benchmarks.common import machine_description, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,8 +66,8 @@ def run(
     nb.cells.append(nbformat.v4.new_code_cell(USAGE))
     env = dict(os.environ, HF_HUB_OFFLINE="1", **(extra_env or {}))
     env.pop("NBGRADER_EXECUTION", None)
-    if grading:
-        env["NBGRADER_EXECUTION"] = "autograde"
+    if grading:  # a grading kernel's environment, as the autograder gives it (warm or not)
+        env = sandbox.kernel_environment(dict(env, NBGRADER_EXECUTION="autograde"))
     saved = dict(os.environ)
     os.environ.clear()
     os.environ.update(env)
