@@ -176,11 +176,23 @@ def test_unlock_adds_exactly_the_notebooks_named(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
-    assert lines[0] == "8"
+    assert lines[0] == "9"
     assert "make_method is the reference of notebook 03_experiments" in lines[1]
     assert "--unlock 03" in lines[1]
     assert "student.py" in " ".join(members)
     manifest = (tmp_path / "MANIFEST.txt").read_text()  # notebook 05 re-grades 02's objects
-    assert "warning: 05_debugging grades objects of an unlocked notebook again (10 " in manifest
+    assert "warning: 05_debugging grades objects of an unlocked notebook again (13 " in manifest
     student = (unpacked / "autograder" / "student.py").read_text()
     assert "('01_prompt_tuning', '02_prefix_tuning')" in student
+
+
+def test_every_check_module_that_judges_a_graded_object_has_its_notebook() -> None:
+    """``regraded`` counts a later notebook's cells by the notebook of the check module they
+    call: a module missing from the map would hide points the unlocked reference answers."""
+    from autograder.checks import NOTEBOOK_CHECKS
+    from autograder.pipeline.package import CHECK_MODULE_NOTEBOOK
+
+    judged = {module for module, _ in NOTEBOOK_CHECKS.values()}
+    assert judged - {"quiz", "artifacts"} <= set(
+        CHECK_MODULE_NOTEBOOK
+    )  # answers, files: no reference

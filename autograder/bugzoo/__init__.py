@@ -124,6 +124,7 @@ _MODULES = (
     "experiments",
     "serving",
     "debugging",
+    "releases",
 )
 """The zoo's parts, in notebook order."""
 

@@ -1,9 +1,9 @@
 """The debugging lab (notebook 05): its incidents, and the mistakes around gradient
 checkpointing.
 
-:data:`INCIDENTS` are the broken releases the lab shows by their symptoms, each a bug of this
-zoo under a neutral name, so that the notebook does not give the diagnosis away.
-:data:`BUGS` are the known-buggy twins of the lab's one new graded object,
+:data:`INCIDENTS` are the broken releases the lab shows by their code and their symptoms
+(:mod:`autograder.bugzoo.releases`, where each is also a bug of notebook 05: the release handed
+in unpatched). :data:`BUGS` are the known-buggy twins of the lab's one new graded object,
 ``checkpoint_safe_prefix_forward``.
 """
 

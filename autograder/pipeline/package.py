@@ -60,6 +60,7 @@ UNLOCKS: dict[str, tuple[str, ...]] = {
         "autograder/bugzoo/prefix.py",
         "autograder/bugzoo/deep.py",
         "autograder/bugzoo/compiled.py",
+        "autograder/bugzoo/releases.py",  # notebook 05's broken releases: 02's code, with bugs
     ),
     "03_experiments": (
         "autograder/reference/prompting.py",
@@ -83,6 +84,7 @@ PROJECT_FILES = ("pyproject.toml", "README.md", "LICENSE")
 CHECK_MODULE_NOTEBOOK = {
     **{module: nb for module, nb in NOTEBOOK_OF.items() if module != "common"},
     "frozen": NOTEBOOK_OF["common"],  # freezing: notebook 01's freeze_backbone
+    "compiled": NOTEBOOK_OF["deep"],  # compiling a prompt into a cache: notebook 02's
 }
 """The notebook whose graded objects each module of ``autograder.checks`` checks."""
 
