@@ -23,6 +23,19 @@ from notebook_tools import stderr_in_graded_cells as _stderr_in_graded_cells
 from notebook_tools import stdout as _stdout
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _markdown_outputs(nb: nbformat.NotebookNode) -> str:
+    """Every markdown the notebook's code cells displayed (a release's code, a diff)."""
+    return "\n".join(
+        out.get("data", {}).get("text/markdown", "")
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for out in cell.outputs
+        if out.get("output_type") == "display_data"
+    )
+
+
 NOTEBOOKS = {
     "04_serving": ROOT / "solutions" / "04_serving" / "04_serving.ipynb",
     "05_debugging": ROOT / "solutions" / "05_debugging" / "05_debugging.ipynb",
@@ -137,3 +150,9 @@ def test_debugging_notebook_runs(offline, tmp_path):
     out = _stdout(ran)
     assert "must match the size of tensor" in out  # INC-1 and INC-9 show their error
     assert "Trying to backward through the graph a second time" in out  # INC-6
+    shown = _markdown_outputs(ran)  # each release's code or diff, as the lab shows it
+    assert "# release 2.0: build_prefix_cache, as shipped" in shown  # INC-1, whole
+    assert "--- release 2.2\n+++ release 2.3" in shown  # INC-5, a diff
+    assert "your patch of release 2.4: 4 line(s) removed, 1 added" in out  # Patch 2, small
+    assert "layer 1: compiled keys differ from the frozen layer's by up to 0.0000" not in out
+    assert "layer 0: compiled keys differ from the frozen layer's by up to 0.0000" in out  # INC-10
