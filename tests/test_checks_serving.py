@@ -21,7 +21,9 @@ NEW_CHECKS = (
     "check_mixed_generate",
     "check_checkpointed_prefix_forward",
 )
-NEW_BUGS = [bug.name for bug in (*serving_bugs.BUGS, *debugging_bugs.BUGS)]
+NEW_BUGS = [  # (debugging.py also holds a notebook 02 twin: a prefix_forward left installed)
+    bug.name for bug in (*serving_bugs.BUGS, *debugging_bugs.BUGS) if bug.notebook in ("04", "05")
+]
 
 
 def _run(check: str, objects: dict[str, object]) -> None:

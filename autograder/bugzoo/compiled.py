@@ -92,6 +92,21 @@ def soft_memoised_per_model(model, prompt):
     return _MEMO[model]
 
 
+def soft_left_in_eval(model, prompt):
+    """Puts the model in eval mode to compile and leaves it there: a model in the middle of
+    training stops training as it was (an adversary's finding)."""
+    model.eval()
+    return soft_prompt_to_prefix(model, prompt)
+
+
+def soft_model_upcast(model, prompt):
+    """Compiles in float32 by converting the model itself (``model.float()``) and never converts
+    it back: a bfloat16 model stays float32 (an adversary's finding)."""
+    dtype = model.get_input_embeddings().weight.dtype
+    model.float()
+    return soft_prompt_to_prefix(model, prompt.float()).to(dtype)
+
+
 def soft_always_float32(model, prompt):
     """Returns the prefix as float32 whatever the model's dtype."""
     return soft_prompt_to_prefix(model, prompt).float()
@@ -147,6 +162,22 @@ def deep_compiled_hooks_left(model, deep):
 
 
 BUGS = [
+    Bug(
+        name="soft_left_in_eval",
+        description="soft_prompt_to_prefix leaves a training model in eval mode",
+        notebook="02",
+        replaces={"soft_prompt_to_prefix": soft_left_in_eval},
+        caught_by=("check_soft_prompt_to_prefix",),
+        message_contains="left in eval mode",
+    ),
+    Bug(
+        name="soft_model_upcast",
+        description="soft_prompt_to_prefix converts the model to float32 and leaves it so",
+        notebook="02",
+        replaces={"soft_prompt_to_prefix": soft_model_upcast},
+        caught_by=("check_soft_prompt_to_prefix",),
+        message_contains="now holds torch.float32",
+    ),
     Bug(
         name="compile_soft_kv_swapped",
         description="the compiled prefix holds each layer's values where its keys belong",

@@ -125,6 +125,24 @@ def forward_checkpointing_left_off(model, encoder, input_ids, attention_mask, la
     return reference.prefix_forward(model, encoder, input_ids, attention_mask, labels)
 
 
+def forward_checkpointing_forced_on(model, encoder, input_ids, attention_mask, labels=None):
+    """Switches checkpointing off for the call and back ON afterwards, whether it was on or
+    not: a model that trained without it now checkpoints (an adversary's finding)."""
+    model.gradient_checkpointing_disable()
+    try:
+        return reference.prefix_forward(model, encoder, input_ids, attention_mask, labels)
+    finally:
+        model.gradient_checkpointing_enable()
+
+
+def forward_in_eval_mode(model, encoder, input_ids, attention_mask, labels=None):
+    """Puts the model in eval mode, where transformers does not checkpoint, and leaves it
+    there: right for this call, silently no checkpointing afterwards (an adversary's
+    finding)."""
+    model.eval()
+    return reference.prefix_forward(model, encoder, input_ids, attention_mask, labels)
+
+
 def forward_checkpointing_paused(model, encoder, input_ids, attention_mask, labels=None):
     """Switches gradient checkpointing off for this call only (the cache-based forward) and back
     on afterwards: correct, it only gives up checkpointing's memory saving for the call."""
@@ -138,6 +156,33 @@ def forward_checkpointing_paused(model, encoder, input_ids, attention_mask, labe
 
 
 BUGS = [
+    Bug(
+        name="checkpointing_forced_on",
+        description="checkpointing switched back on after the call even where it was off",
+        notebook="05",
+        replaces={"checkpoint_safe_prefix_forward": forward_checkpointing_forced_on},
+        caught_by=("check_checkpointed_prefix_forward",),
+        message_contains="WITHOUT gradient checkpointing",
+    ),
+    Bug(
+        name="checkpointing_eval_mode_left",
+        description="the model is put in eval mode (no checkpointing there) and left in it",
+        notebook="05",
+        replaces={"checkpoint_safe_prefix_forward": forward_in_eval_mode},
+        caught_by=("check_checkpointed_prefix_forward",),
+        message_contains="eval mode",
+    ),
+    Bug(  # notebook 02's graded object, installed the checkpoint-safe way and never removed
+        name="prefix_attention_left_installed",
+        description=(
+            "prefix_forward installs the prefix for a registered attention function and never "
+            "removes it: the next request without a prefix runs with it"
+        ),
+        notebook="02",
+        replaces={"prefix_forward": forward_prefix_left_installed},
+        caught_by=("check_prefix_forward",),
+        message_contains="stays active",
+    ),
     Bug(
         name="checkpointing_drops_cache",
         description=(

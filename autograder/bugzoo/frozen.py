@@ -33,6 +33,13 @@ def freeze_matrices_only(model: nn.Module) -> nn.Module:
     return model
 
 
+def freeze_returns_nothing(model: nn.Module) -> None:
+    """Freezes every parameter but returns None: ``model = freeze_backbone(model)`` then loses
+    the model (an adversary's finding)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
 def freeze_with_eval(model: nn.Module) -> nn.Module:
     """Believes ``eval()`` freezes the model."""
     model.eval()
@@ -40,6 +47,14 @@ def freeze_with_eval(model: nn.Module) -> nn.Module:
 
 
 BUGS = [
+    Bug(
+        name="freeze_returns_nothing",
+        description="freeze_backbone freezes everything but returns None, not the model",
+        notebook="01",
+        replaces={"freeze_backbone": freeze_returns_nothing},
+        caught_by=("check_freeze_backbone",),
+        message_contains="must return the model",
+    ),
     Bug(
         name="freeze_misses_lm_head",
         description=(

@@ -189,6 +189,44 @@ def prefix_needs_labels(model, encoder, input_ids, attention_mask, labels=None):
     return out
 
 
+def prefix_mask_ones_from_mask(model, encoder, input_ids, attention_mask, labels=None):
+    """Makes the P mask ones with ``ones_like(attention_mask[:, :p])``: P columns only while T
+    >= P; a shorter input gets a mask too short for the cache (an adversary's finding)."""
+    batch, length = input_ids.shape
+    p = encoder.prefix_len
+    ones = torch.ones_like(attention_mask[:, :p])
+    mask = torch.cat([ones, attention_mask], dim=1)
+    cache = build_prefix_cache(encoder(), batch, _dtype(model))
+    positions = torch.arange(p, p + length).unsqueeze(0).expand(batch, -1)
+    return model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        labels=labels,
+        use_cache=False,
+        **{cache_keyword(model): cache},
+    )
+
+
+def prefix_mask_ones_from_last_column(model, encoder, input_ids, attention_mask, labels=None):
+    """Makes the P mask ones by repeating the mask's last column: right for left padding (the
+    last token is real), but a right-padded row cannot see the prefix (an adversary's
+    finding)."""
+    batch, length = input_ids.shape
+    p = encoder.prefix_len
+    mask = torch.cat([attention_mask[:, -1:].expand(-1, p), attention_mask], dim=1)
+    cache = build_prefix_cache(encoder(), batch, _dtype(model))
+    positions = torch.arange(p, p + length).unsqueeze(0).expand(batch, -1)
+    return model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        labels=labels,
+        use_cache=False,
+        **{cache_keyword(model): cache},
+    )
+
+
 # --- build_prefix_cache ------------------------------------------------------------------------
 def cache_ignores_dtype(prefix: torch.Tensor, batch_size: int, dtype: torch.dtype):
     """Never casts to ``dtype``."""
@@ -198,6 +236,26 @@ def cache_ignores_dtype(prefix: torch.Tensor, batch_size: int, dtype: torch.dtyp
 
 
 _BUILT: dict[tuple[int, torch.dtype], tuple[weakref.ref, DynamicCache]] = {}
+
+
+def cache_batch_from_kv_axis(prefix: torch.Tensor, batch_size: int, dtype: torch.dtype):
+    """Expands over ``len(layer)``, the key/value axis (always 2), not ``batch_size``: right
+    only for batches of 2 (an adversary's finding)."""
+    layers = []
+    for layer in prefix.to(dtype):
+        rows = len(layer)
+        layers.append((_expand(layer[0], rows), _expand(layer[1], rows)))
+    return make_cache(layers)
+
+
+def cache_layers_by_prefix_len(prefix: torch.Tensor, batch_size: int, dtype: torch.dtype):
+    """Loops over ``range(prefix.shape[-2])``, the P axis, to visit the layers: right only when
+    P equals L (an adversary's finding)."""
+    prefix = prefix.to(dtype)
+    layers = []
+    for i in range(prefix.shape[-2]):
+        layers.append((_expand(prefix[i, 0], batch_size), _expand(prefix[i, 1], batch_size)))
+    return make_cache(layers)
 
 
 def cache_memoised(prefix: torch.Tensor, batch_size: int, dtype: torch.dtype):
@@ -388,6 +446,45 @@ def generate_one_short(model, encoder, input_ids, attention_mask, max_new_tokens
 
 
 BUGS = [
+    Bug(
+        name="prefix_mask_ones_from_mask",
+        description="the P mask ones are sliced from the mask: too few when T < P",
+        notebook="02",
+        replaces={"prefix_forward": prefix_mask_ones_from_mask},
+        caught_by=("check_prefix_forward",),
+        message_contains="T = 3 tokens",
+    ),
+    Bug(
+        name="prefix_mask_ones_from_last_column",
+        description="the P mask ones repeat the mask's last column: right-padded rows lose it",
+        notebook="02",
+        replaces={"prefix_forward": prefix_mask_ones_from_last_column},
+        caught_by=("check_prefix_forward",),
+        message_contains="T = 3 tokens",
+    ),
+    Bug(
+        name="cache_batch_from_kv_axis",
+        description="build_prefix_cache expands over the key/value axis (2), not batch_size",
+        notebook="02",
+        replaces={"build_prefix_cache": cache_batch_from_kv_axis},
+        caught_by=("check_build_prefix_cache",),
+        message_contains="(B, H_kv, P, D)",
+        downstream=("check_prefix_forward",),
+    ),
+    Bug(
+        name="cache_layers_by_prefix_len",
+        description="build_prefix_cache loops over P (prefix.shape[-2]) to visit the L layers",
+        notebook="02",
+        replaces={"build_prefix_cache": cache_layers_by_prefix_len},
+        caught_by=("check_build_prefix_cache",),
+        message_contains="EVERY layer",
+        downstream=(
+            "check_bf16",
+            "check_peft_equivalence",
+            "check_prefix_forward",
+            "check_prefix_training",
+        ),
+    ),
     Bug(
         name="prefix_layer0_only",
         description="the prefix is put into layer 0's cache only",

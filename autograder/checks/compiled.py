@@ -130,6 +130,7 @@ def _observe(fn: Callable, what: str, make_input: Callable) -> dict:
     models = []
     for label, model in tiny_models():
         _freeze(model)
+        model.train()  # a model in the middle of training: compiling must not change its mode
         half = copy.deepcopy(model).to(torch.bfloat16)
         hooks = _hooks(model)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -141,14 +142,18 @@ def _observe(fn: Callable, what: str, make_input: Callable) -> dict:
             f"{what} on a bfloat16 model, given a float32 prompt (cast it to the model's dtype),"
         )
         _call(observed, key, on_half, fn, half, make_input(model, n, p))
+        training = bool(model.training)
+        half_dtypes = sorted({str(t.dtype) for t in half.parameters()})
         batch = Batch()
+        model.eval()
         with torch.no_grad():
             after = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         now = model.state_dict()
         observed.update(
             after=_maybe_tensor(after.logits),
             hooks_left=_hooks(model) - hooks,
-            training=bool(model.training),
+            training=training,
+            half_dtypes=half_dtypes,
             trainable=sorted(n for n, t in model.named_parameters() if t.requires_grad),
             changed=sorted(k for k, v in state.items() if not torch.equal(now[k], v)),
         )
@@ -270,8 +275,9 @@ def _judge_logits(label: str, what: str, model: nn.Module, got: torch.Tensor, wa
 
 
 def _judge_model_state(label: str, what: str, model: nn.Module, o: Observed) -> None:
-    """The model as it was: no hook left, no parameter changed or unfrozen, eval mode, and the
-    same logits without a prompt."""
+    """The model as it was: no hook left, no parameter changed or unfrozen, still in train mode
+    (as it was given), the bfloat16 copy still bfloat16, and the same logits without a
+    prompt."""
     hooks = o.int("hooks_left")
     if hooks != 0:
         raise AssertionError(
@@ -279,13 +285,16 @@ def _judge_model_state(label: str, what: str, model: nn.Module, o: Observed) -> 
             "run them; remove each one before returning (handle.remove() in a finally block)"
         )
     changed, trainable = o.strings("changed"), o.strings("trainable")
-    if changed or trainable or o.bool("training"):
+    half_dtypes = o.strings("half_dtypes")
+    if changed or trainable or not o.bool("training") or half_dtypes != ["torch.bfloat16"]:
         what_changed = (
             f"parameters or buffers {changed[:3]} changed"
             if changed
             else f"parameters {trainable[:3]} require grad again"
             if trainable
-            else "the model was left in train mode"
+            else "the model, which was training, was left in eval mode"
+            if not o.bool("training")
+            else f"the bfloat16 model now holds {', '.join(half_dtypes)} parameters"
         )
         raise AssertionError(
             f"{label}: after {what} returned, {what_changed}: compiling reads the frozen model "

@@ -53,6 +53,11 @@ _WHAT = (
     "attention_mask, labels)"
 )
 
+_WHAT_PLAIN = (
+    "checkpoint_safe_prefix_forward(model_training_without_checkpointing, encoder, input_ids, "
+    "attention_mask, labels)"
+)
+
 
 def _checkpointed(label: str) -> nn.Module:
     """A frozen tiny model in training mode with gradient checkpointing switched on."""
@@ -81,8 +86,9 @@ def observe_checkpointed_prefix_forward(
 ) -> dict:
     """Per tiny model training with gradient checkpointing: two calls, each with the student's
     encoder given other grader-chosen prefix values (logits, loss, the prefix's gradient after
-    ``loss.backward()`` or the error it raised), then whether checkpointing is still on and the
-    model's logits without a prefix."""
+    ``loss.backward()`` or the error it raised), then whether checkpointing is still on, whether
+    the model still trains, and the model's logits without a prefix; and a call on a model
+    training without checkpointing (is checkpointing still off, the mode unchanged?)."""
     models = []
     for label, _ in tiny_models():
         model = _checkpointed(label)
@@ -112,6 +118,12 @@ def observe_checkpointed_prefix_forward(
                 }
             )
         checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+        training = bool(model.training)
+        plain = tiny_model(label)  # a model training WITHOUT checkpointing: left as it was?
+        _freeze(plain)
+        plain.train()
+        encoder, _, _ = _student_encoder(label, PrefixEncoder, plain, _P, *_CALLS[0])
+        student_call(_WHAT_PLAIN, checkpoint_safe_prefix_forward, plain, encoder, *args)
         model.eval()
         with torch.no_grad():
             after = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
@@ -120,6 +132,9 @@ def observe_checkpointed_prefix_forward(
                 "label": label,
                 "calls": calls,
                 "checkpointing": checkpointing,
+                "training": training,
+                "plain_checkpointing": bool(getattr(plain, "is_gradient_checkpointing", False)),
+                "plain_training": bool(plain.training),
                 "after": _maybe_tensor(getattr(after, "logits", None)),
             }
         )
@@ -167,6 +182,20 @@ def judge_checkpointed_prefix_forward(obs: Observed) -> None:
                 f"{label}: after checkpoint_safe_prefix_forward returned, gradient checkpointing "
                 "is off: switching it off for a call is fine, but switch it back on (in a "
                 "finally block), or the next training step runs out of the memory it was saving"
+            )
+        if not o.bool("training"):
+            raise AssertionError(
+                f"{label}: after checkpoint_safe_prefix_forward returned, the model is in eval "
+                "mode: it was training, and transformers checkpoints only in training mode, so "
+                "checkpointing is silently off from then on — leave the mode as you found it"
+            )
+        if o.bool("plain_checkpointing") or not o.bool("plain_training"):
+            raise AssertionError(
+                f"{label}: called on a model training WITHOUT gradient checkpointing, "
+                "checkpoint_safe_prefix_forward left it "
+                + ("with checkpointing on" if o.bool("plain_checkpointing") else "in eval mode")
+                + ": switch checkpointing back on only if it was on "
+                "(model.is_gradient_checkpointing before the call), and leave the mode alone"
             )
         after = o.maybe_tensor("after")
         same = after is not None and after.shape == untouched.logits.shape

@@ -91,13 +91,15 @@ def _models(obs: Observed) -> list[tuple[str, nn.Module, Observed]]:
 # freeze_backbone
 # ---------------------------------------------------------------------------------------------
 def observe_freeze_backbone(freeze_backbone: Callable[[nn.Module], object]) -> dict:
-    """Each tiny model after ``freeze_backbone(model)``: its trainable names and its state."""
+    """Each tiny model after ``freeze_backbone(model)``: its trainable names, its state and
+    whether the call returned the model."""
     models = []
     for label, model in tiny_models():
-        student_call("freeze_backbone(model)", freeze_backbone, model)
+        returned = student_call("freeze_backbone(model)", freeze_backbone, model)
         models.append(
             {
                 "label": label,
+                "returns_model": returned is model,
                 "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
                 "state": snapshot(model),
             }
@@ -129,6 +131,11 @@ def judge_freeze_backbone(obs: Observed) -> None:
                 f"not freeze anything).{hint}"
             )
         unchanged_or_fail(label, snapshot(model), o.sub("state"), "after freeze_backbone")
+        if not o.bool("returns_model"):
+            raise AssertionError(
+                f"{label}: freeze_backbone(model) must return the model it froze (so that "
+                "`model = freeze_backbone(model)` works); it returned something else"
+            )
 
 
 def check_freeze_backbone(freeze_backbone: Callable[[nn.Module], object]) -> None:

@@ -450,7 +450,7 @@ def check_prefix_encoder(PrefixEncoder: type) -> None:
 # ---------------------------------------------------------------------------------------------
 # build_prefix_cache
 # ---------------------------------------------------------------------------------------------
-_B_CACHE, _P_CACHE = 2, 3
+_B_CACHE, _P_CACHE = 3, 2  # B is not 2 (the key/value axis), P is not L (3 layers)
 
 
 def _cache(label: str, build_prefix_cache: Callable, prefix, batch: int, dtype) -> Cache:
@@ -478,8 +478,8 @@ def _sum_grad(tensors: list[Any], prefix: torch.Tensor) -> torch.Tensor:
 def observe_build_prefix_cache(build_prefix_cache: Callable) -> dict:
     """Per tiny model, for a grader-chosen prefix ``(L, 2, H, P, D)``: every layer's keys and
     values in the float32 cache, the gradients of all keys and of all values with respect to
-    the prefix, layer 0 of a bfloat16 cache, and the length of layer 0 of a second cache built
-    after the first one was appended to."""
+    the prefix, every layer of a bfloat16 cache, and the length of layer 0 of a second cache
+    built after the first one was appended to."""
     b, p = _B_CACHE, _P_CACHE
     models = []
     for label, model in tiny_models():
@@ -494,11 +494,11 @@ def observe_build_prefix_cache(build_prefix_cache: Callable) -> dict:
             "values": [_maybe_tensor(v) for v in values],
             "key_grad": _sum_grad(keys, prefix),
             "value_grad": _sum_grad(values, prefix),
-            "half_key": _maybe_tensor(half.layers[0].keys if half.layers else None),
-            "half_value": _maybe_tensor(half.layers[0].values if half.layers else None),
+            "half_keys": [_maybe_tensor(layer.keys) for layer in half.layers],
+            "half_values": [_maybe_tensor(layer.values) for layer in half.layers],
         }
-        if not keys or not isinstance(keys[0], torch.Tensor):
-            observed.update(same_object=False, second_len=None)
+        if not keys or not isinstance(keys[0], torch.Tensor) or keys[0].shape[0] != b:
+            observed.update(same_object=False, second_len=None)  # the shape is judged first
         else:
             shape = (b, keys[0].shape[1], 1, keys[0].shape[-1])
             try:
@@ -570,26 +570,33 @@ def judge_build_prefix_cache(obs: Observed) -> None:
                     f"not that of prefix[:, {kv}] expanded over the batch (max |diff| "
                     f"{max_diff(grads[name], want):.3g})"
                 )
-        half_key, half_value = o.maybe_tensor("half_key"), o.maybe_tensor("half_value")
-        if (
-            half_key is None
-            or half_key.dtype != torch.bfloat16
-            or (half_value is None or half_value.dtype != torch.bfloat16)
-        ):
-            got = describe(half_key)
+        half_keys, half_values = o.list("half_keys"), o.list("half_values")
+        if len(half_keys) != n_layers or len(half_values) != n_layers:
             raise AssertionError(
-                f"{label}: build_prefix_cache(prefix, {b}, torch.bfloat16) holds {got} keys, "
-                "expected torch.bfloat16: cast the prefix to `dtype` (a float32 prefix breaks a "
-                "bfloat16 model's attention)"
+                f"{label}: build_prefix_cache(prefix, {b}, torch.bfloat16) has "
+                f"{len(half_keys)} layers, expected {n_layers}"
             )
-        want_half = prefix[0].to(torch.bfloat16)
-        if tuple(half_key.shape) != (b, h, p, dim) or not (
-            torch.equal(half_key, want_half[0].expand(b, -1, -1, -1))
-            and torch.equal(half_value, want_half[1].expand(b, -1, -1, -1))
-        ):
-            raise AssertionError(
-                f"{label}: in bfloat16, layer 0 of the cache is not prefix[0] cast to bfloat16"
-            )
+        for i, (half_key, half_value) in enumerate(zip(half_keys, half_values, strict=True)):
+            if (
+                not isinstance(half_key, torch.Tensor)
+                or half_key.dtype != torch.bfloat16
+                or not isinstance(half_value, torch.Tensor)
+                or half_value.dtype != torch.bfloat16
+            ):
+                raise AssertionError(
+                    f"{label}: build_prefix_cache(prefix, {b}, torch.bfloat16) holds "
+                    f"{describe(half_key)} keys at layer {i}, expected torch.bfloat16: cast the "
+                    "prefix to `dtype` (a float32 prefix breaks a bfloat16 model's attention)"
+                )
+            want_half = prefix[i].to(torch.bfloat16)
+            if tuple(half_key.shape) != (b, h, p, dim) or not (
+                torch.equal(half_key, want_half[0].expand(b, -1, -1, -1))
+                and torch.equal(half_value, want_half[1].expand(b, -1, -1, -1))
+            ):
+                raise AssertionError(
+                    f"{label}: in bfloat16, layer {i} of the cache is not prefix[{i}] cast to "
+                    "bfloat16"
+                )
         second = None if o.raw("second_len") is None else o.int("second_len")
         if o.bool("same_object") or second != p:
             raise AssertionError(
@@ -1005,11 +1012,27 @@ _AGAIN = "a second prefix_forward call with the same encoder"
 _NO_LABELS = "prefix_forward(model, encoder, input_ids, attention_mask) without labels"
 
 
+_MIXED = (
+    "prefix_forward(model, encoder, input_ids, attention_mask) on 3 rows of T = 3 tokens "
+    "(fewer than P = 4): one unpadded, one right-padded, one left-padded"
+)
+
+
+def _mixed_batch() -> Batch:
+    """3 rows of 3 tokens: row 0 unpadded, row 1 right-padded, row 2 left-padded; no labels."""
+    batch = Batch(batch=3, length=3, pad=0, seed=3)
+    batch.input_ids[1, 2] = batch.input_ids[2, 0] = 0
+    batch.attention_mask[1, 2] = batch.attention_mask[2, 0] = 0
+    batch.labels = None
+    return batch
+
+
 def observe_prefix_forward(prefix_forward: Callable, PrefixEncoder: type) -> dict:
     """Per tiny model (frozen), the student's encoder given the grader's prefix values: two
     recorded ``prefix_forward`` calls on a left-padded batch, each with what every layer
     received, the logits, the loss, the gradient paths and whether backward works; then a call
-    without labels (its logits)."""
+    without labels (its logits), one on a batch of 3 rows shorter than P with both padding
+    sides, and the model's logits without a prefix afterwards."""
     p = _P_FWD
     models = []
     for label, model in tiny_models():
@@ -1021,6 +1044,22 @@ def observe_prefix_forward(prefix_forward: Callable, PrefixEncoder: type) -> dic
         second = _observe_call(model, _AGAIN, prefix_forward, args, param, p, backward=True)
         with torch.no_grad():
             unlabelled = _observe_call(model, _NO_LABELS, prefix_forward, args[:4], param, p)
+            mixed = _mixed_batch()
+            try:
+                out, mixed_failure = (
+                    student_call(
+                        _MIXED,
+                        prefix_forward,
+                        model,
+                        encoder,
+                        mixed.input_ids,
+                        mixed.attention_mask,
+                    ),
+                    None,
+                )
+            except CheckFailure as failure:  # judged after the calls above: their hints first
+                out, mixed_failure = None, str(failure)
+            plain = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         models.append(
             {
                 "label": label,
@@ -1028,6 +1067,9 @@ def observe_prefix_forward(prefix_forward: Callable, PrefixEncoder: type) -> dic
                 "first": first,
                 "second": second,
                 "unlabelled": unlabelled,
+                "mixed_logits": _maybe_tensor(getattr(out, "logits", None)),
+                "mixed_failure": mixed_failure,
+                "plain_after": _maybe_tensor(plain.logits),
             }
         )
     return {"models": models}
@@ -1073,6 +1115,41 @@ def judge_prefix_forward(obs: Observed) -> None:
         _judge_call(label, unlabelled, values, batch, _NO_LABELS)
         logits = unlabelled.maybe_tensor("logits")
         _logits_match(label, logits, None, _Output(want.logits, None), _NO_LABELS)
+        mixed = _mixed_batch()
+        want_mixed, _ = _reference_forward(model, values, mixed)
+        failure = o.maybe_str("mixed_failure")
+        if failure is not None:
+            raise AssertionError(
+                f"{label}: {failure} — it must work for any batch size, either padding side and "
+                "T shorter than P"
+            )
+        got = o.maybe_tensor("mixed_logits")
+        real = mixed.attention_mask.bool()
+        if got is None or got.shape != want_mixed.logits.shape:
+            raise AssertionError(
+                f"{label}: {_MIXED} returned logits {describe(got)}, expected "
+                f"{tuple(want_mixed.logits.shape)}: one row per input row, one position per token"
+            )
+        diff = max_diff(got[real], want_mixed.logits[real])
+        if not diff <= _ATOL:
+            raise AssertionError(
+                f"{label}: {_MIXED}: the real tokens' logits differ from the reference by up to "
+                f"{diff:.3g}. Build the P mask ones with attention_mask.new_ones(B, P), whatever "
+                "the batch size, the padding side or T (which may be shorter than P)"
+            )
+        with torch.no_grad():
+            untouched = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        after = o.maybe_tensor("plain_after")
+        if (
+            after is None
+            or after.shape != untouched.logits.shape
+            or not max_diff(after, untouched.logits) <= _ATOL
+        ):
+            raise AssertionError(
+                f"{label}: after prefix_forward returned, the model WITHOUT a prefix gives other "
+                "logits: something it installed (a hook, an attention function reading a global "
+                "prefix) stays active, and the next request, another tenant's, would use it"
+            )
 
 
 def check_prefix_forward(prefix_forward: Callable, PrefixEncoder: type) -> None:
