@@ -3,7 +3,8 @@
     release [--check]                     build notebooks/ from solutions/ (or check it)
     package [--unlock NN ...] [--out DIR] the student wheel (no answers) and notebooks
     verify  [--assignment NN] [--quick]   solutions pass, blanks and known bugs fail
-    grade   SUBMISSIONS [--workers N] [--assignment NN] [--csv FILE] [--no-feedback] [--unsafe]
+    grade   SUBMISSIONS [--workers N | --cluster ADDRESS|local:N] [--resume] [--assignment NN]
+            [--csv FILE] [--no-feedback] [--unsafe]
     demo                                  release, grade a generated class, print the table
 
 Every command takes ``--root`` (the course root, default: this repository).
@@ -15,6 +16,7 @@ import argparse
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,6 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     grade.add_argument("--assignment", action="append", help="NN or NN_name (repeatable)")
     grade.add_argument(
         "--workers", type=int, default=2, help="parallel autograders (default: %(default)s)"
+    )
+    grade.add_argument(
+        "--cluster",
+        metavar="ADDRESS|local:N",
+        help="grade on a Dask cluster: a scheduler address (tcp://HOST:8786), or local:N for N "
+        "worker processes on this machine (needs the `cluster` extra; docs/cluster/README.md)",
+    )
+    grade.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run: skip the submissions it already recorded",
     )
     grade.add_argument("--csv", type=Path, help="write one row per student and notebook")
     grade.add_argument("--no-feedback", action="store_true", help="skip the feedback HTML")
@@ -158,6 +171,8 @@ def _grade(course: Course, args: argparse.Namespace) -> int:
         feedback=not args.no_feedback,
         progress=_say,
         unsafe=args.unsafe,
+        cluster=args.cluster,
+        resume=args.resume,
     )
     took = time.perf_counter() - start
     for note in notes:
@@ -168,7 +183,13 @@ def _grade(course: Course, args: argparse.Namespace) -> int:
         print(f"wrote {args.csv}")
     failed = [r for r in results if r.failed]
     students = len({r.student for r in results})
-    print(f"graded {students} student(s) in {took:.1f} s with {args.workers} worker(s)")
+    where = (
+        f"on the Dask cluster {args.cluster}" if args.cluster else f"with {args.workers} worker(s)"
+    )
+    print(f"graded {students} student(s) in {took:.1f} s {where}")
+    faults = Counter(issue.kind for r in results for issue in r.issues)
+    if faults:
+        print("faults: " + ", ".join(f"{kind} {n}" for kind, n in sorted(faults.items())))
     if failed:
         print(f"{len(failed)} notebook(s) could not be graded; see the status column")
         return 1

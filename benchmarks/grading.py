@@ -11,6 +11,12 @@ fresh gradebook. Prints per-notebook autograde times (one student, all notebooks
 and the sandbox's cost: the same class graded by one worker with every kernel sandboxed (the
 default) and without (``unsafe``), alternating. Writes the tables to ``benchmarks/RESULTS.md``
 (section "grading") unless ``--no-write``.
+
+``--cluster local:2`` instead compares ``grade --cluster local:2`` with ``grade --workers W`` (the
+first ``--workers`` value) on the same class, alternating ``--rounds`` times, and projects the
+wall time of 1,000 students on 4, 16 and 64 Dask workers from the measured per-task cost, the
+coordinator's recording cost per task and the cluster's set-up time (section "grading on a Dask
+cluster").
 """
 
 from __future__ import annotations
@@ -63,12 +69,16 @@ def main() -> None:
     parser.add_argument("--assignment", nargs="*", default=None)
     parser.add_argument("--rounds", type=int, default=2, help="sandbox on/off comparisons")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--cluster", help="compare grade --cluster SPEC with --workers")
     args = parser.parse_args()
 
     course = Course.at(REPO_ROOT)
     assignments = course.resolve(args.assignment)
     release(course, assignments)
     scratch, submissions = _class(course, assignments, args.students)
+    if args.cluster:
+        _compare_cluster(args, scratch, submissions, assignments)
+        return
     runs = {}
     per_notebook: dict[str, list[float]] = defaultdict(list)
     for workers in args.workers:
@@ -152,6 +162,109 @@ def main() -> None:
     if not args.no_write:
         command = f"python -m benchmarks.grading --students {args.students}"
         write_section("grading", command, table)
+
+
+def _graded_by_cli(scratch: Course, submissions, assignments, *how: str) -> tuple[float, str]:
+    """``python -m autograder grade`` in a fresh process (as an instructor runs it), in its own
+    session, killed whole afterwards: wall time and what it printed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    _fresh_gradebook(scratch)
+    command = [sys.executable, "-m", "autograder", "--root", str(scratch.root), "grade"]
+    command += [str(submissions), *how]
+    for assignment in assignments:
+        command += ["--assignment", assignment]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    out, err = process.communicate()
+    wall = time.perf_counter() - start
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if process.returncode != 0:
+        raise SystemExit(f"grading failed ({' '.join(how)}):\n{out[-3000:]}\n{err[-3000:]}")
+    return wall, out
+
+
+def _compare_cluster(args, scratch: Course, submissions, assignments) -> None:
+    workers = args.workers[0]
+    tasks = args.students * len(assignments)
+    walls: dict[str, list[float]] = {"workers": [], "cluster": []}
+    task_s: list[float] = []
+    record_s: list[float] = []
+    setup_s: list[float] = []
+    worker_line = re.compile(r"^worker .*: (\d+) notebook\(s\), ([\d.]+) s each", re.M)
+    record_line = re.compile(
+        r"^coordinator: \d+ task\(s\) recorded, ([\d.]+) s each.*set-up ([\d.]+) s", re.M
+    )
+    for _ in range(args.rounds):
+        wall, _out = _graded_by_cli(scratch, submissions, assignments, "--workers", str(workers))
+        walls["workers"].append(wall)
+        print(f"--workers {workers}: {wall:.1f} s", flush=True)
+        wall, out = _graded_by_cli(scratch, submissions, assignments, "--cluster", args.cluster)
+        walls["cluster"].append(wall)
+        for count, each in worker_line.findall(out):
+            task_s += [float(each)] * int(count)
+        for each, setup in record_line.findall(out):
+            record_s.append(float(each))
+            setup_s.append(float(setup))
+        print(f"--cluster {args.cluster}: {wall:.1f} s", flush=True)
+    local, dask = statistics.median(walls["workers"]), statistics.median(walls["cluster"])
+    task, record = statistics.median(task_s), statistics.median(record_s)
+    setup = statistics.median(setup_s)
+    out = [
+        f"Machine: {machine_description()}. {args.students} students x {len(assignments)} "
+        f"notebooks ({', '.join(assignments)}) = {tasks} tasks, solved notebooks with their "
+        f"artifacts; {args.rounds} alternating rounds, each `python -m autograder grade` in a "
+        "fresh process with a fresh gradebook (process start and imports included).",
+        "",
+        "| run | wall time per round (s) | median (s) | vs --workers |",
+        "|---|---|---:|---:|",
+        f"| `grade --workers {workers}` | {', '.join(f'{w:.1f}' for w in walls['workers'])} "
+        f"| {local:.1f} | 1.00x |",
+        f"| `grade --cluster {args.cluster}` | {', '.join(f'{w:.1f}' for w in walls['cluster'])} "
+        f"| {dask:.1f} | {dask / local:.2f}x |",
+        "",
+        f"Measured on the cluster runs: {task:.2f} s per task on a worker (median of the "
+        f"workers' means, autograde and feedback), {record:.2f} s per task for the coordinator "
+        "to record it (replay through nbgrader's autograde, gradebook and feedback written), "
+        f"{setup:.1f} s of set-up (cluster start, preflight of every worker, course bundle, "
+        "tasks submitted). Workers grade in parallel; the "
+        "coordinator records one task at a time, so its recording cost bounds the throughput.",
+        "",
+        "Projection for 1,000 students x "
+        f"{len(assignments)} notebooks ({1000 * len(assignments)} tasks), assuming each worker "
+        "has its own cores and the same per-task cost: wall = set-up + max(tasks x task / "
+        "workers, tasks x record).",
+        "",
+        "| Dask workers | projected wall time | bound by |",
+        "|---:|---:|---|",
+    ]
+    total = 1000 * len(assignments)
+    for n in (4, 16, 64):
+        work, rec = total * task / n, total * record
+        wall = setup + max(work, rec)
+        out.append(
+            f"| {n} | {wall / 3600:.2f} h ({wall / 60:.0f} min) | "
+            f"{'the workers' if work >= rec else 'the coordinator recording'} |"
+        )
+    table = "\n".join(out)
+    print(table)
+    if not args.no_write:
+        command = (
+            f"python -m benchmarks.grading --students {args.students} --assignment "
+            f"{' '.join(a[:2] for a in assignments)} --workers {workers} --cluster {args.cluster}"
+            f" --rounds {args.rounds}"
+        )
+        write_section("grading on a Dask cluster", command, table)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ Everything nbgrader and the kernels print goes to ``.nbgrader/logs/<student>--<a
 
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,13 @@ from pathlib import Path
 import nbformat
 
 from autograder.pipeline import warm
-from autograder.pipeline.coursedir import Course, CourseError, output_to, prepare_environment
+from autograder.pipeline.coursedir import (
+    CONFIG_NAME,
+    Course,
+    CourseError,
+    output_to,
+    prepare_environment,
+)
 from autograder.pipeline.execute import (
     KERNEL_DIED,
     KERNEL_UNAVAILABLE,
@@ -64,8 +72,9 @@ class JobResult:
 _api = None  # one NbGraderAPI per worker process
 
 
-def _init_worker(root: str, unsafe: bool = False) -> None:
-    """Worker start: load the course config and make one nbgrader API object."""
+def _init_worker(root: str, unsafe: bool = False, export_dir: str = "") -> None:
+    """Worker start: load the course config and make one nbgrader API object. ``export_dir``:
+    a cluster worker's, where each executed notebook is also written for the coordinator."""
     from nbgrader.apps import NbGraderAPI
 
     global _api
@@ -75,6 +84,8 @@ def _init_worker(root: str, unsafe: bool = False) -> None:
     config = course.config()
     if unsafe:
         config.ResilientExecute.sandbox = False
+    if export_dir:
+        config.GradedExecute.export_dir = export_dir
     _api = NbGraderAPI(config=config)
 
 
@@ -285,49 +296,79 @@ def sandbox_refusal(course: Course) -> str:
     )
 
 
-def grade(
-    course: Course,
-    submissions: Path,
-    assignments: Sequence[str] | None = None,
-    workers: int = 1,
-    feedback: bool = True,
-    progress: Callable[[str], None] = lambda line: None,
-    unsafe: bool = False,
-) -> tuple[list[NotebookResult], list[str]]:
-    """Grade every submission in ``submissions``; results per student and notebook, warnings.
+JOURNAL = "grading-journal.jsonl"
+"""Under the course's ``.nbgrader/``: one line per (student, assignment) whose grades are
+recorded, with a digest of the staged submission; ``grade --resume`` skips those."""
 
-    ``progress`` receives one line per finished submission. Every kernel runs in an OS sandbox
-    (:mod:`autograder.pipeline.sandbox`); where none can be made, grading refuses to start
-    (:class:`CourseError` naming the fix) unless ``unsafe``, which grades without one and says
-    so in every result.
-    """
-    if workers < 1:
-        raise CourseError(f"--workers must be at least 1, not {workers}")
-    if not unsafe:
-        refusal = sandbox_refusal(course)
-        if refusal:
-            raise CourseError(refusal)
-    prepare_environment(course)
-    found, warnings = find_submissions(course, submissions, assignments)
-    sync_gradebook(course, sorted({assignment for _, assignment, _ in found}))
-    release = course.state / "release"
-    staged = [
-        _stage_safely(course, release, folder, student, assignment)
-        for student, assignment, folder in found
-    ]
-    # Parallel autograders of one student's assignments would each insert the student into the
-    # gradebook and all but one fail (UNIQUE constraint failed: student.id): add them first.
-    with course.gradebook() as gb:
-        for student in sorted({s.student for s in staged}):
-            gb.update_or_create_student(student)
-    results: dict[tuple[str, str], list[Issue]] = {}
-    to_run = [s for s in staged if s.gradable]
-    for s in staged:
-        if not s.gradable:
-            _record_missing(course, s)
-            progress(f"{s.student}/{s.assignment}: nothing gradable handed in")
-        else:  # until nbgrader records the new scores: an interrupted run leaves no old ones
-            _record_missing(course, s, review=True)
+
+def submission_digest(course: Course, student: str, assignment: str) -> str:
+    """A digest of ``submitted/<student>/<assignment>/`` as staged (names and contents)."""
+    digest = hashlib.sha256()
+    folder = course.submitted / student / assignment
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _course_digest(course: Course, assignments: Sequence[str]) -> str:
+    """What the recorded grades depend on besides the submission: config and solutions."""
+    digest = hashlib.sha256((course.root / CONFIG_NAME).read_bytes())
+    for assignment in sorted(assignments):
+        for path in sorted((course.solutions / assignment).rglob("*.ipynb")):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class Journal:
+    """The record of what a run has already written into the gradebook (see :data:`JOURNAL`)."""
+
+    def __init__(self, course: Course, course_digest: str, resume: bool) -> None:
+        self.path = course.state / JOURNAL
+        self.done: dict[tuple[str, str], str] = {}
+        if resume:
+            if not self.path.is_file():
+                raise CourseError(
+                    f"--resume: no interrupted run to resume ({self.path} is missing); grade "
+                    "without --resume"
+                )
+            lines = [json.loads(line) for line in self.path.read_text().splitlines() if line]
+            header = lines[0] if lines else {}
+            if header.get("course") != course_digest:
+                raise CourseError(
+                    "--resume: the course's config or solutions changed since the interrupted "
+                    "run, so its grades would not match a new one; grade without --resume"
+                )
+            for entry in lines[1:]:
+                self.done[(entry["student"], entry["assignment"])] = entry["digest"]
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"course": course_digest}) + "\n")
+
+    def finished(self, student: str, assignment: str, digest: str) -> bool:
+        return self.done.get((student, assignment)) == digest
+
+    def record(self, student: str, assignment: str, digest: str) -> None:
+        entry = {"student": student, "assignment": assignment, "digest": digest}
+        with self.path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[(student, assignment)] = digest
+
+
+def _fault_coordinator(recorded: int) -> None:
+    """The recovery tests' injected coordinator death (``cluster.FAULT_ENV``)."""
+    fault = os.environ.get("AUTOGRADER_FAULT", "")
+    if fault.startswith("coordinator-exit-after:") and recorded >= int(fault.split(":")[1]):
+        os._exit(17)
+
+
+def _run_local(
+    course: Course, to_run: Sequence[Staged], workers: int, feedback: bool, unsafe: bool
+) -> Iterator[tuple[Staged, object]]:
+    """Grade ``to_run`` in ``workers`` processes of this machine; yields (staged, JobResult or
+    the exception that lost it) as each finishes."""
     if course.config().ResilientExecute.get("warm_kernels", True):
         # One zygote for this process: the workers forked below fork their kernels from it,
         # and its imports overlap nbgrader's start-up (autograder.pipeline.warm).
@@ -344,24 +385,128 @@ def grade(
             for s in to_run
         }
         for future in as_completed(futures):
-            s = futures[future]
-            issues = results.setdefault((s.student, s.assignment), [])
             try:
-                outcome = future.result()
-            except Exception as err:  # a worker process died: report it, grade the rest
-                detail = f"grading process failed: {err!r}; scored 0, review by hand"
-                issues.append(Issue("error", "*", detail))
-                _record_missing(course, s, review=True)
-                continue
-            if not outcome.success:
-                detail = f"nbgrader could not grade it: {outcome.message} (log: {outcome.log})"
-                issues.append(Issue("error", "*", detail + "; scored 0, review by hand"))
-                _record_missing(course, s, review=True)  # no earlier score survives a failure
-            if outcome.feedback_error:
-                # the score is recorded: feedback trouble is reported, never as "not graded"
-                issues.append(Issue("feedback", "*", f"no feedback: {outcome.feedback_error}"))
-            verdict = "graded" if outcome.success else "FAILED"
-            progress(f"{s.student}/{s.assignment}: {verdict} in {outcome.seconds:.1f} s")
+                yield futures[future], future.result()
+            except Exception as err:  # noqa: BLE001 - a worker process died: report it
+                yield futures[future], err
+
+
+def grade(
+    course: Course,
+    submissions: Path,
+    assignments: Sequence[str] | None = None,
+    workers: int = 1,
+    feedback: bool = True,
+    progress: Callable[[str], None] = lambda line: None,
+    unsafe: bool = False,
+    cluster: str | None = None,
+    resume: bool = False,
+) -> tuple[list[NotebookResult], list[str]]:
+    """Grade every submission in ``submissions``; results per student and notebook, warnings.
+
+    ``progress`` receives one line per finished submission. Every kernel runs in an OS sandbox
+    (:mod:`autograder.pipeline.sandbox`); where none can be made, grading refuses to start
+    (:class:`CourseError` naming the fix) unless ``unsafe``, which grades without one and says
+    so in every result. ``cluster`` (``local:N`` or a Dask scheduler address) grades on a Dask
+    cluster instead of ``workers`` local processes (:mod:`autograder.pipeline.cluster`).
+    ``resume`` skips the submissions an interrupted run already recorded (unchanged since).
+    """
+    if workers < 1:
+        raise CourseError(f"--workers must be at least 1, not {workers}")
+    if cluster is None:
+        if not unsafe:
+            refusal = sandbox_refusal(course)
+            if refusal:
+                raise CourseError(refusal)
+        return _grade(course, submissions, assignments, workers, feedback, progress, unsafe,
+                      None, resume)  # fmt: skip
+    from autograder.pipeline import cluster as dask_cluster
+
+    # The cluster is reached and every worker checked before anything is staged or cleared.
+    with dask_cluster.connect(cluster, progress) as client:
+        ready = dask_cluster.preflight(client, unsafe)
+        progress(f"Dask: {len(ready)} worker(s) ready")
+        return _grade(course, submissions, assignments, workers, feedback, progress, unsafe,
+                      client, resume)  # fmt: skip
+
+
+def _grade(
+    course: Course,
+    submissions: Path,
+    assignments: Sequence[str] | None,
+    workers: int,
+    feedback: bool,
+    progress: Callable[[str], None],
+    unsafe: bool,
+    client: object | None,
+    resume: bool,
+) -> tuple[list[NotebookResult], list[str]]:
+    """:func:`grade`, on ``workers`` local processes or (``client``) a Dask cluster."""
+    prepare_environment(course)
+    found, warnings = find_submissions(course, submissions, assignments)
+    graded_assignments = sorted({assignment for _, assignment, _ in found})
+    journal = Journal(course, _course_digest(course, graded_assignments), resume)
+    sync_gradebook(course, graded_assignments)
+    release = course.state / "release"
+    staged = [
+        _stage_safely(course, release, folder, student, assignment)
+        for student, assignment, folder in found
+    ]
+    # Parallel autograders of one student's assignments would each insert the student into the
+    # gradebook and all but one fail (UNIQUE constraint failed: student.id): add them first.
+    with course.gradebook() as gb:
+        for student in sorted({s.student for s in staged}):
+            gb.update_or_create_student(student)
+    results: dict[tuple[str, str], list[Issue]] = {}
+    digests = {
+        (s.student, s.assignment): submission_digest(course, s.student, s.assignment)
+        for s in staged
+        if s.gradable
+    }
+    to_run = []
+    for s in staged:
+        key = (s.student, s.assignment)
+        if not s.gradable:
+            _record_missing(course, s)
+            progress(f"{s.student}/{s.assignment}: nothing gradable handed in")
+        elif journal.finished(*key, digests[key]):
+            progress(f"{s.student}/{s.assignment}: already graded by the interrupted run")
+        else:  # until nbgrader records the new scores: an interrupted run leaves no old ones
+            _record_missing(course, s, review=True)
+            to_run.append(s)
+    if client is not None:
+        from autograder.pipeline import cluster as dask_cluster
+
+        by_key = {(s.student, s.assignment): s for s in to_run}
+        outcomes = (
+            (by_key[(student, assignment)], outcome)
+            for student, assignment, outcome in dask_cluster.run_tasks(
+                client, course, list(by_key), feedback, unsafe, progress
+            )
+        )
+    else:
+        outcomes = _run_local(course, to_run, workers, feedback, unsafe) if to_run else iter(())
+    recorded = 0
+    for s, outcome in outcomes:
+        issues = results.setdefault((s.student, s.assignment), [])
+        if isinstance(outcome, BaseException):
+            detail = f"grading process failed: {outcome!r}; scored 0, review by hand"
+            issues.append(Issue("error", "*", detail))
+            _record_missing(course, s, review=True)
+            continue
+        if not outcome.success:
+            detail = f"nbgrader could not grade it: {outcome.message} (log: {outcome.log})"
+            issues.append(Issue("error", "*", detail + "; scored 0, review by hand"))
+            _record_missing(course, s, review=True)  # no earlier score survives a failure
+        else:
+            journal.record(s.student, s.assignment, digests[(s.student, s.assignment)])
+            recorded += 1
+            _fault_coordinator(recorded)
+        if outcome.feedback_error:
+            # the score is recorded: feedback trouble is reported, never as "not graded"
+            issues.append(Issue("feedback", "*", f"no feedback: {outcome.feedback_error}"))
+        verdict = "graded" if outcome.success else "FAILED"
+        progress(f"{s.student}/{s.assignment}: {verdict} in {outcome.seconds:.1f} s")
     out: list[NotebookResult] = []
     for s in staged:
         run_issues = results.get((s.student, s.assignment), [])

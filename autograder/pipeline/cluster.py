@@ -1,0 +1,618 @@
+"""``grade --cluster``: the same grading on a Dask cluster (``dask.distributed``).
+
+Each (student, assignment) is one Dask task. The coordinator (the machine running ``grade``)
+stages every submission as ``grade`` always does, then sends each task its staged files and, once
+per worker, a bundle of the course (``nbgrader_config.py`` and the graded assignments' source
+notebooks): workers need the course *package* installed, not the course folder, and no shared
+filesystem. A worker grades in a private scratch course with a private gradebook, through one
+long-lived grading process of its own that keeps its own warm-kernel zygote and its own sandbox
+(:mod:`autograder.pipeline.warm`, :mod:`autograder.pipeline.sandbox`), exactly as a ``--workers``
+process does, and returns the executed notebooks (after the grader judged them) and the feedback
+HTML. Only the coordinator writes the gradebook, ``autograded/`` and ``feedback/``: it replays each
+executed notebook through nbgrader's own autograde (``GradedExecute.replay_dir``: nothing runs
+again), so scores, checksums and the flags nbgrader records come from the same code as a local run.
+
+A worker that dies mid-notebook loses nothing: its task is re-run elsewhere by Dask, and since
+workers write nothing of the course's, the student is recorded once, when a result arrives. The
+coordinator journals every recorded task (:mod:`autograder.pipeline.grade`), so a coordinator
+killed mid-run resumes with ``grade --resume``.
+
+``--cluster local:N`` starts a ``LocalCluster`` of N worker processes on this machine;
+``--cluster ADDRESS`` connects to a running scheduler (``dask scheduler``; workers started by
+``dask worker``, ``dask-ssh``, ``dask-jobqueue`` or ``dask-kubernetes``, see
+``docs/cluster/README.md``). Workers must run with ``distributed.worker.daemon: false`` (their
+grading process is a child process): ``local:N`` sets it; elsewhere set
+``DASK_DISTRIBUTED__WORKER__DAEMON=False`` or start them with ``dask worker --no-nanny``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autograder.pipeline.coursedir import Course, CourseError
+
+__all__ = [
+    "FAULT_ENV",
+    "Bundle",
+    "Task",
+    "TaskResult",
+    "connect",
+    "course_bundle",
+    "fingerprint",
+    "parse_cluster",
+    "preflight",
+    "run_tasks",
+]
+
+STATS: dict[str, object] = {}
+"""Timings of the last :func:`run_tasks` in this process (for ``benchmarks/grading.py``):
+``setup`` seconds (connect, preflight, bundle, submission), ``task`` worker seconds per task,
+``record`` coordinator seconds per recorded task, ``workers``."""
+
+_CONNECTED_AT = 0.0  # when connect() began: the set-up time STATS reports starts there
+
+INSTALL_HINT = 'pip install "soft-prompts-course[cluster]" (or: pip install "dask[distributed]")'
+FAULT_ENV = "AUTOGRADER_FAULT"
+"""Fault injection for the recovery tests (never set it when grading for real):
+``worker-exit:<student>/<assignment>:<marker file>`` makes the worker grading that task exit
+mid-notebook, once (the marker file records that it did); ``coordinator-exit-after:<k>`` makes
+the coordinator exit right after it has recorded ``k`` tasks."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the --cluster argument
+# ---------------------------------------------------------------------------------------------
+def parse_cluster(spec: str) -> tuple[str, int | str]:
+    """``("local", N)`` for ``local:N``, ``("address", ADDRESS)`` for a scheduler address."""
+    spec = spec.strip()
+    if spec.startswith("local"):
+        _, _, count = spec.partition(":")
+        if not count.isdigit() or int(count) < 1:
+            raise CourseError(
+                f"--cluster {spec!r}: write local:N with N >= 1 worker processes, e.g. local:2"
+            )
+        return ("local", int(count))
+    if not spec or any(ch.isspace() for ch in spec):
+        raise CourseError(
+            f"--cluster {spec!r}: give a Dask scheduler address (tcp://HOST:8786) or local:N"
+        )
+    return ("address", spec if "://" in spec else f"tcp://{spec}")
+
+
+def _import_distributed():
+    try:
+        import distributed
+    except ImportError:
+        raise CourseError(
+            "--cluster needs Dask's distributed scheduler, which is not installed: "
+            f"{INSTALL_HINT}. (--workers N grades on this machine without it.)"
+        ) from None
+    return distributed
+
+
+# ---------------------------------------------------------------------------------------------
+# what a worker must have: the same course package
+# ---------------------------------------------------------------------------------------------
+def fingerprint() -> dict[str, object]:
+    """What a machine grades with: the course package's version and a digest of its Python
+    sources, whether it can sandbox kernels, and whether it may start a grading process.
+
+    Sent to the workers by value (``client.run``), so it must import nothing of the course at
+    module level: a worker without the course package answers with why."""
+    import hashlib as _hashlib
+    import importlib
+    import importlib.metadata
+    import multiprocessing
+    import platform
+    from pathlib import Path as _Path
+
+    info: dict[str, object] = {
+        "python": platform.python_version(),
+        "daemon": bool(multiprocessing.current_process().daemon),
+    }
+    try:
+        info["version"] = importlib.metadata.version("soft-prompts-course")
+    except importlib.metadata.PackageNotFoundError:
+        info["version"] = None
+    try:
+        packages = [importlib.import_module(name) for name in ("autograder", "course")]
+    except ImportError as err:
+        info["missing"] = f"{type(err).__name__}: {err}"
+        return info
+    digest = _hashlib.sha256()
+    for package in packages:
+        root = _Path(package.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root.parent)).encode())
+            digest.update(path.read_bytes())
+    info["sources"] = digest.hexdigest()[:16]
+    try:
+        from autograder.pipeline import sandbox
+
+        status = sandbox.status()
+        info["sandbox"] = bool(status.available)
+        info["sandbox_message"] = status.message
+    except Exception as err:  # noqa: BLE001 - reported, never fatal here
+        info["sandbox"] = False
+        info["sandbox_message"] = f"{type(err).__name__}: {err}"
+    return info
+
+
+def _by_value(fn: Callable) -> Callable:
+    """``fn`` re-created outside any importable module, so Dask pickles its code, not a
+    reference a worker without the course could not resolve."""
+    import inspect
+    import textwrap
+
+    namespace: dict[str, object] = {"__name__": "__course_probe__"}
+    exec(textwrap.dedent(inspect.getsource(fn)), namespace)  # noqa: S102
+    return namespace[fn.__name__]
+
+
+def preflight(client, unsafe: bool) -> dict[str, dict[str, object]]:
+    """Check every worker before any grading starts; raise :class:`CourseError` naming the fix.
+    Returns the workers' fingerprints by address."""
+    here = fingerprint()
+    answers = client.run(_by_value(fingerprint), on_error="return")
+    if not answers:
+        raise CourseError("the Dask cluster has no workers: start some (docs/cluster/README.md)")
+    problems = []
+    for address, info in sorted(answers.items()):
+        if isinstance(info, BaseException):
+            problems.append(f"{address}: could not be probed ({type(info).__name__}: {info})")
+            continue
+        if "missing" in info:
+            problems.append(
+                f"{address}: the course package is not installed there ({info['missing']}); "
+                f"install the same version as here ({here.get('version')}) on every worker"
+            )
+            continue
+        if (info.get("version"), info.get("sources")) != (here.get("version"), here.get("sources")):
+            problems.append(
+                f"{address}: grades with soft-prompts-course {info.get('version')} (sources "
+                f"{info.get('sources')}), this machine with {here.get('version')} (sources "
+                f"{here.get('sources')}); install the same version on every worker"
+            )
+        if info.get("daemon"):
+            problems.append(
+                f"{address}: runs as a daemonic process and cannot start its grading process; "
+                "start workers with DASK_DISTRIBUTED__WORKER__DAEMON=False or `dask worker "
+                "--no-nanny`"
+            )
+        if not unsafe and not info.get("sandbox"):
+            problems.append(
+                f"{address}: cannot sandbox kernels ({info.get('sandbox_message')}); fix that "
+                "worker, or grade with --unsafe"
+            )
+    if problems:
+        raise CourseError(
+            "the cluster is not ready to grade; nothing was graded:\n  " + "\n  ".join(problems)
+        )
+    return answers
+
+
+@contextlib.contextmanager
+def connect(spec: str, progress: Callable[[str], None] = lambda line: None) -> Iterator[object]:
+    """A Dask ``Client`` for ``--cluster spec``; a ``LocalCluster`` for ``local:N`` (closed
+    afterwards). Raises :class:`CourseError` when the scheduler cannot be reached."""
+    global _CONNECTED_AT
+    _CONNECTED_AT = time.perf_counter()
+    kind, value = parse_cluster(spec)
+    distributed = _import_distributed()
+    import dask
+
+    if kind == "local":
+        # Kept for this process, not a with-block: the nanny restarts a dead worker later, and
+        # that worker must be allowed to start its grading process too.
+        dask.config.set({"distributed.worker.daemon": False})
+        cluster = distributed.LocalCluster(
+            n_workers=int(value),
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=40,  # logging.ERROR: a worker's restart is reported by the grader
+        )
+        try:
+            with distributed.Client(cluster) as client:
+                progress(
+                    f"Dask: a local cluster of {value} worker(s); dashboard {_dashboard(client)}"
+                )
+                yield client
+        finally:
+            cluster.close()
+        return
+    try:
+        client = distributed.Client(str(value), timeout="10s")
+    except (OSError, TimeoutError) as err:
+        raise CourseError(
+            f"cannot reach the Dask scheduler at {value} ({type(err).__name__}: {err}); start it "
+            "with `dask scheduler` (and workers with `dask worker ADDRESS`), check the address "
+            "and port, or grade on this machine with --cluster local:N or --workers N"
+        ) from None
+    try:
+        progress(f"Dask: scheduler {value}; dashboard {_dashboard(client)}")
+        yield client
+    finally:
+        client.close()
+
+
+def _dashboard(client) -> str:
+    try:
+        return client.dashboard_link or "(none)"
+    except Exception:  # noqa: BLE001 - the dashboard is optional (bokeh)
+        return "(none)"
+
+
+# ---------------------------------------------------------------------------------------------
+# what travels: the course bundle, the tasks, the results
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Bundle:
+    """The course files a worker needs, as a tar archive, and their digest."""
+
+    digest: str
+    assignments: tuple[str, ...]
+    data: bytes = field(repr=False)
+
+
+def course_bundle(course: Course, assignments: Sequence[str]) -> Bundle:
+    """``nbgrader_config.py`` (with any Python module beside it) and ``solutions/<assignment>/``
+    of each graded assignment."""
+    buffer = io.BytesIO()
+    digest = hashlib.sha256()
+    paths = sorted(course.root.glob("*.py"))  # nbgrader_config.py and the course's own modules
+    for assignment in sorted(assignments):
+        folder = course.solutions / assignment
+        paths += sorted(
+            p for p in folder.rglob("*") if p.is_file() and ".ipynb_checkpoints" not in p.parts
+        )
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in paths:
+            name = str(path.relative_to(course.root))
+            data = path.read_bytes()
+            digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+    return Bundle(digest.hexdigest()[:16], tuple(sorted(assignments)), buffer.getvalue())
+
+
+@dataclass(frozen=True)
+class Task:
+    """One (student, assignment) to grade, with its staged files."""
+
+    student: str
+    assignment: str
+    files: dict[str, bytes] = field(repr=False)
+    feedback: bool = True
+    unsafe: bool = False
+
+
+@dataclass
+class TaskResult:
+    """What a worker sends back."""
+
+    student: str
+    assignment: str
+    success: bool
+    message: str
+    log: str
+    seconds: float
+    worker: str = ""
+    feedback_error: str = ""
+    executed: dict[str, bytes] = field(default_factory=dict, repr=False)
+    feedback: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+
+def staged_files(course: Course, student: str, assignment: str) -> dict[str, bytes]:
+    """The files of ``submitted/<student>/<assignment>/``, by relative path."""
+    folder = course.submitted / student / assignment
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the worker side
+# ---------------------------------------------------------------------------------------------
+_LOCK = threading.Lock()
+_SCRATCH: dict[str, Path] = {}
+_POOL: dict[str, ProcessPoolExecutor] = {}
+
+
+def _scratch_course(bundle: Bundle) -> Path:
+    """This worker's private course for ``bundle`` (made once): its files, its gradebook with
+    the assignments recorded, and the release ``grade`` stages against."""
+    from autograder.pipeline.coursedir import prepare_environment
+    from autograder.pipeline.grade import sync_gradebook
+
+    with _LOCK:
+        if bundle.digest in _SCRATCH:
+            return _SCRATCH[bundle.digest]
+        root = Path(tempfile.mkdtemp(prefix=f"autograder-worker-{bundle.digest[:8]}-"))
+        with tarfile.open(fileobj=io.BytesIO(bundle.data), mode="r:gz") as tar:
+            tar.extractall(root, filter="data")
+        course = Course.at(root)
+        prepare_environment(course)
+        if course.config().ResilientExecute.get("warm_kernels", True):
+            from autograder.pipeline import warm
+
+            warm.start_early()  # its imports overlap the gradebook's set-up below
+        sync_gradebook(course, bundle.assignments)
+        _SCRATCH[bundle.digest] = root
+        return root
+
+
+def _init_grading_process(root: str, unsafe: bool, export_dir: str) -> None:
+    """The grading process's start: exit with the worker that forked it (a worker killed or
+    closed by Dask must not leave it waiting for work forever), then as in ``--workers``."""
+    from autograder.pipeline.grade import _init_worker
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-worker", daemon=True).start()
+    _init_worker(root, unsafe, export_dir)
+
+
+def _grading_process(root: Path, unsafe: bool, fresh: bool = False) -> ProcessPoolExecutor:
+    """This worker's long-lived grading process (with its own warm zygote), made once."""
+    import multiprocessing
+
+    from autograder.pipeline import warm
+
+    if multiprocessing.current_process().daemon:
+        raise RuntimeError(
+            "this Dask worker runs as a daemonic process and cannot start its grading process: "
+            "start workers with DASK_DISTRIBUTED__WORKER__DAEMON=False or `dask worker "
+            "--no-nanny`"
+        )
+    key = f"{root}:{unsafe}"
+    with _LOCK:
+        pool = _POOL.get(key)
+        if pool is not None and not fresh:
+            return pool
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        if Course.at(root).config().ResilientExecute.get("warm_kernels", True):
+            warm.start_early()  # forked into the grading process below, as in --workers
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        pool = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=context,
+            initializer=_init_grading_process,
+            initargs=(str(root), unsafe, str(root / ".executed")),
+        )
+        _POOL[key] = pool
+        return pool
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        return str(worker.name if worker.name is not None else worker.address)
+    except Exception:  # noqa: BLE001 - outside a worker (tests call grade_task directly)
+        return f"pid {os.getpid()}"
+
+
+def _fault_worker(task: Task) -> bool:
+    """The recovery tests' injected worker death (see :data:`FAULT_ENV`): True once."""
+    fault = os.environ.get(FAULT_ENV, "")
+    if not fault.startswith("worker-exit:"):
+        return False
+    target, _, marker = fault.removeprefix("worker-exit:").partition(":")
+    if target != f"{task.student}/{task.assignment}" or not marker:
+        return False
+    try:
+        with open(marker, "x") as f:  # noqa: PTH123 - created once, by one worker
+            f.write(_worker_name())
+    except FileExistsError:
+        return False
+    return True
+
+
+def grade_task(bundle: Bundle, task: Task) -> TaskResult:
+    """Grade one task on this worker (the Dask task function)."""
+    from autograder.pipeline.grade import Job, _run_job
+
+    start = time.perf_counter()
+    worker = _worker_name()
+    try:
+        root = _scratch_course(bundle)
+        course = Course(root)
+        folder = course.submitted / task.student / task.assignment
+        stale = [folder, course.autograded / task.student / task.assignment]
+        stale += [course.feedback / task.student / task.assignment]
+        stale += [root / ".executed" / task.student / task.assignment]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+        for name, data in task.files.items():
+            path = (folder / name).resolve()
+            if folder.resolve() not in path.parents:
+                raise ValueError(f"a staged file outside its folder: {name!r}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        job = Job(str(root), task.student, task.assignment, task.feedback)
+        pool = _grading_process(root, task.unsafe)
+        future = pool.submit(_run_job, job)
+        if _fault_worker(task):
+            time.sleep(1.0)  # the notebook is being graded: die in the middle of it
+            os._exit(17)
+        try:
+            outcome = future.result()
+        except BrokenProcessPool:
+            _grading_process(root, task.unsafe, fresh=True)
+            raise RuntimeError("this worker's grading process died; it was restarted") from None
+        executed_dir = root / ".executed" / task.student / task.assignment
+        executed = {p.name: p.read_bytes() for p in sorted(executed_dir.glob("*.ipynb"))}
+        feedback_dir = course.feedback / task.student / task.assignment
+        feedback = {
+            str(p.relative_to(feedback_dir)): p.read_bytes()
+            for p in sorted(feedback_dir.rglob("*"))
+            if p.is_file()
+        }
+        log = Path(outcome.log).read_text(errors="replace")[-200_000:] if outcome.log else ""
+        return TaskResult(
+            task.student, task.assignment, outcome.success, outcome.message, log,
+            outcome.seconds, worker, outcome.feedback_error, executed, feedback,
+        )  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - reported for this task, the others go on
+        return TaskResult(
+            task.student, task.assignment, False, f"{type(err).__name__}: {err}", "",
+            time.perf_counter() - start, worker,
+        )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# the coordinator side
+# ---------------------------------------------------------------------------------------------
+class _Recorder:
+    """Writes a worker's result into this course: replays its executed notebooks through
+    nbgrader's autograde (gradebook, ``autograded/``), then writes its feedback."""
+
+    def __init__(self, course: Course, unsafe: bool) -> None:
+        from nbgrader.apps import NbGraderAPI
+
+        self.course = course
+        self.replay = course.state / "cluster" / "executed"
+        config = course.config()
+        config.GradedExecute.replay_dir = str(self.replay)
+        if unsafe:
+            config.ResilientExecute.sandbox = False
+        self.api = NbGraderAPI(config=config)
+
+    def record(self, result: TaskResult) -> tuple[bool, str, str]:
+        """(success, message, log path) of recording ``result``."""
+        from autograder.pipeline.coursedir import output_to
+
+        folder = self.replay / result.student / result.assignment
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for name, data in result.executed.items():
+            (folder / name).write_bytes(data)
+        log_path = self.course.state / "logs" / f"{result.student}--{result.assignment}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text(f"graded on worker {result.worker}\n{result.log}\n")
+        cwd = Path.cwd()
+        os.chdir(self.course.root)
+        try:
+            with output_to(log_path.with_suffix(".record.log")):
+                made = self.api.autograde(
+                    result.assignment, result.student, force=True, create=True
+                )
+        finally:
+            os.chdir(cwd)
+            shutil.rmtree(folder, ignore_errors=True)
+        if not made["success"]:
+            from autograder.pipeline.grade import _first_error
+
+            return (
+                False,
+                _first_error(made.get("log") or "", made.get("error") or ""),
+                str(log_path),
+            )
+        target = self.course.feedback / result.student / result.assignment
+        shutil.rmtree(target, ignore_errors=True)
+        for name, data in result.feedback.items():
+            path = (target / name).resolve()
+            if target.resolve() in path.parents:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+        return True, "", str(log_path)
+
+
+def run_tasks(
+    client,
+    course: Course,
+    jobs: Sequence[tuple[str, str]],
+    feedback: bool,
+    unsafe: bool,
+    progress: Callable[[str], None] = lambda line: None,
+) -> Iterator[tuple[str, str, object]]:
+    """Grade ``jobs`` ((student, assignment), already staged in ``submitted/``) on the cluster
+    of ``client`` (checked by :func:`preflight`); yields ``(student, assignment, JobResult or
+    exception)`` as each is recorded here."""
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    from autograder.pipeline.grade import JobResult
+
+    STATS.clear()
+    STATS.update(task=[], record=[], workers=len(client.scheduler_info().get("workers", {})))
+    if not jobs:
+        return
+    started = time.perf_counter()
+    bundle = course_bundle(course, sorted({a for _, a in jobs}))
+    progress(f"Dask: {len(jobs)} notebook task(s)")
+    shared = client.scatter(bundle, broadcast=True)
+    futures = {}
+    for student, assignment in jobs:
+        files = staged_files(course, student, assignment)
+        task = Task(student, assignment, files, feedback, unsafe)
+        key = f"grade-{student}-{assignment}-{os.urandom(4).hex()}"
+        future = client.submit(grade_task, shared, task, pure=False, retries=1, key=key)
+        futures[future] = (student, assignment)
+    recorder = _Recorder(course, unsafe)
+    STATS["setup"] = time.perf_counter() - min(started, _CONNECTED_AT or started)
+    done: Counter[str] = Counter()
+    seconds: Counter[str] = Counter()
+    bar = tqdm(total=len(futures), desc="grading", unit="notebook", file=sys.stderr, disable=None)
+    try:
+        for future in as_completed(futures):
+            student, assignment = futures[future]
+            try:
+                result = future.result()
+            except Exception as err:  # noqa: BLE001 - lost despite Dask's retries
+                yield student, assignment, err
+                bar.update(1)
+                continue
+            done[result.worker] += 1
+            seconds[result.worker] += result.seconds
+            STATS["task"].append(result.seconds)
+            if result.success:
+                clock = time.perf_counter()
+                ok, message, log = recorder.record(result)
+                STATS["record"].append(time.perf_counter() - clock)
+            else:
+                ok, message, log = False, result.message, ""
+            yield (
+                student,
+                assignment,
+                JobResult(ok, message, log, result.seconds, result.feedback_error),
+            )
+            bar.update(1)
+            bar.set_postfix_str(", ".join(f"{w}: {n}" for w, n in sorted(done.items())))
+    finally:
+        bar.close()
+    for worker, count in sorted(done.items()):
+        progress(f"worker {worker}: {count} notebook(s), {seconds[worker] / count:.2f} s each")
+    if STATS["record"]:
+        recorded = sorted(STATS["record"])
+        progress(
+            f"coordinator: {len(recorded)} task(s) recorded, "
+            f"{recorded[len(recorded) // 2]:.2f} s each (median); set-up {STATS['setup']:.1f} s"
+        )
