@@ -7,10 +7,11 @@ notebooks): workers need the course *package* installed, not the course folder, 
 filesystem. A worker grades in a private scratch course with a private gradebook, through one
 long-lived grading process of its own that keeps its own warm-kernel zygote and its own sandbox
 (:mod:`autograder.pipeline.warm`, :mod:`autograder.pipeline.sandbox`), exactly as a ``--workers``
-process does, and returns the executed notebooks (after the grader judged them) and the feedback
-HTML. Only the coordinator writes the gradebook, ``autograded/`` and ``feedback/``: it replays each
-executed notebook through nbgrader's own autograde (``GradedExecute.replay_dir``: nothing runs
-again), so scores, checksums and the flags nbgrader records come from the same code as a local run.
+process does, and returns its autograded folder, the grades its nbgrader autograde recorded in the
+private gradebook, and the feedback HTML. Only the coordinator writes the gradebook,
+``autograded/`` and ``feedback/``: it records those grades as nbgrader's ``SaveAutoGrades`` does
+(a cell with a manual grade is marked for review) and assigns late penalties with nbgrader's own
+``AssignLatePenalties``, after checking that the worker's cells are this course's.
 
 A worker that dies mid-notebook loses nothing: its task is re-run elsewhere by Dask, and since
 workers write nothing of the course's, the student is recorded once, when a result arrives. The
@@ -302,6 +303,7 @@ class Task:
     files: dict[str, bytes] = field(repr=False)
     feedback: bool = True
     unsafe: bool = False
+    duedate: str | None = None  # the assignment's, from the coordinator's gradebook (ISO)
 
 
 @dataclass
@@ -316,8 +318,9 @@ class TaskResult:
     seconds: float
     worker: str = ""
     feedback_error: str = ""
-    executed: dict[str, bytes] = field(default_factory=dict, repr=False)
+    autograded: dict[str, bytes] = field(default_factory=dict, repr=False)
     feedback: dict[str, bytes] = field(default_factory=dict, repr=False)
+    grades: dict[str, object] = field(default_factory=dict)
 
 
 def staged_files(course: Course, student: str, assignment: str) -> dict[str, bytes]:
@@ -361,7 +364,7 @@ def _scratch_course(bundle: Bundle) -> Path:
         return root
 
 
-def _init_grading_process(root: str, unsafe: bool, export_dir: str) -> None:
+def _init_grading_process(root: str, unsafe: bool) -> None:
     """The grading process's start: exit with the worker that forked it (a worker killed or
     closed by Dask must not leave it waiting for work forever), then as in ``--workers``."""
     from autograder.pipeline.grade import _init_worker
@@ -374,7 +377,7 @@ def _init_grading_process(root: str, unsafe: bool, export_dir: str) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name="exit-with-worker", daemon=True).start()
-    _init_worker(root, unsafe, export_dir)
+    _init_worker(root, unsafe)
 
 
 def _grading_process(root: Path, unsafe: bool, fresh: bool = False) -> ProcessPoolExecutor:
@@ -403,7 +406,7 @@ def _grading_process(root: Path, unsafe: bool, fresh: bool = False) -> ProcessPo
             max_workers=1,
             mp_context=context,
             initializer=_init_grading_process,
-            initargs=(str(root), unsafe, str(root / ".executed")),
+            initargs=(str(root), unsafe),
         )
         _POOL[key] = pool
         return pool
@@ -435,6 +438,36 @@ def _fault_worker(task: Task) -> bool:
     return True
 
 
+def _set_duedate(course: Course, assignment: str, duedate: str | None) -> None:
+    """The coordinator's due date for ``assignment`` in this worker's gradebook (late
+    penalties and feedback then agree with a local run)."""
+    from datetime import datetime
+
+    with course.gradebook() as gb:
+        gb.update_or_create_assignment(
+            assignment, duedate=datetime.fromisoformat(duedate) if duedate else None
+        )
+
+
+def _recorded_grades(course: Course, task: Task, notebooks: Sequence[Path]) -> dict:
+    """What this worker's nbgrader autograde recorded for the task's graded notebooks: the
+    submission's timestamp, each grade cell's auto score, each solution cell's auto comment."""
+    with course.gradebook() as gb:
+        submission = gb.find_submission(task.assignment, task.student)
+        names = {p.stem for p in notebooks}
+        return {
+            "timestamp": submission.timestamp.isoformat() if submission.timestamp else None,
+            "notebooks": {
+                nb.name: {
+                    "grades": {g.name: g.auto_score for g in nb.grades},
+                    "comments": {c.name: c.auto_comment for c in nb.comments},
+                }
+                for nb in submission.notebooks
+                if nb.name in names
+            },
+        }
+
+
 def grade_task(bundle: Bundle, task: Task) -> TaskResult:
     """Grade one task on this worker (the Dask task function)."""
     from autograder.pipeline.grade import Job, _run_job
@@ -447,7 +480,6 @@ def grade_task(bundle: Bundle, task: Task) -> TaskResult:
         folder = course.submitted / task.student / task.assignment
         stale = [folder, course.autograded / task.student / task.assignment]
         stale += [course.feedback / task.student / task.assignment]
-        stale += [root / ".executed" / task.student / task.assignment]
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
         for name, data in task.files.items():
@@ -456,6 +488,7 @@ def grade_task(bundle: Bundle, task: Task) -> TaskResult:
                 raise ValueError(f"a staged file outside its folder: {name!r}")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
+        _set_duedate(course, task.assignment, task.duedate)
         job = Job(str(root), task.student, task.assignment, task.feedback)
         pool = _grading_process(root, task.unsafe)
         future = pool.submit(_run_job, job)
@@ -467,8 +500,13 @@ def grade_task(bundle: Bundle, task: Task) -> TaskResult:
         except BrokenProcessPool:
             _grading_process(root, task.unsafe, fresh=True)
             raise RuntimeError("this worker's grading process died; it was restarted") from None
-        executed_dir = root / ".executed" / task.student / task.assignment
-        executed = {p.name: p.read_bytes() for p in sorted(executed_dir.glob("*.ipynb"))}
+        graded_dir = course.autograded / task.student / task.assignment
+        autograded = {
+            str(p.relative_to(graded_dir)): p.read_bytes()
+            for p in sorted(graded_dir.rglob("*"))
+            if p.is_file() and not p.is_symlink()
+        }
+        grades = _recorded_grades(course, task, sorted(graded_dir.glob("*.ipynb")))
         feedback_dir = course.feedback / task.student / task.assignment
         feedback = {
             str(p.relative_to(feedback_dir)): p.read_bytes()
@@ -478,7 +516,7 @@ def grade_task(bundle: Bundle, task: Task) -> TaskResult:
         log = Path(outcome.log).read_text(errors="replace")[-200_000:] if outcome.log else ""
         return TaskResult(
             task.student, task.assignment, outcome.success, outcome.message, log,
-            outcome.seconds, worker, outcome.feedback_error, executed, feedback,
+            outcome.seconds, worker, outcome.feedback_error, autograded, feedback, grades,
         )  # fmt: skip
     except Exception as err:  # noqa: BLE001 - reported for this task, the others go on
         return TaskResult(
@@ -491,57 +529,72 @@ def grade_task(bundle: Bundle, task: Task) -> TaskResult:
 # the coordinator side
 # ---------------------------------------------------------------------------------------------
 class _Recorder:
-    """Writes a worker's result into this course: replays its executed notebooks through
-    nbgrader's autograde (gradebook, ``autograded/``), then writes its feedback."""
+    """Writes a worker's result into this course: its autograded folder, its grades (as
+    nbgrader's ``SaveAutoGrades`` records them), late penalties (nbgrader's
+    ``AssignLatePenalties``) and its feedback."""
 
     def __init__(self, course: Course, unsafe: bool) -> None:
-        from nbgrader.apps import NbGraderAPI
-
         self.course = course
-        self.replay = course.state / "cluster" / "executed"
-        config = course.config()
-        config.GradedExecute.replay_dir = str(self.replay)
-        if unsafe:
-            config.ResilientExecute.sandbox = False
-        self.api = NbGraderAPI(config=config)
+        self.config = course.config()
 
     def record(self, result: TaskResult) -> tuple[bool, str, str]:
         """(success, message, log path) of recording ``result``."""
-        from autograder.pipeline.coursedir import output_to
+        from datetime import datetime
 
-        folder = self.replay / result.student / result.assignment
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        for name, data in result.executed.items():
-            (folder / name).write_bytes(data)
-        log_path = self.course.state / "logs" / f"{result.student}--{result.assignment}.log"
+        import nbformat
+        from nbgrader.preprocessors import AssignLatePenalties
+
+        course, student, assignment = self.course, result.student, result.assignment
+        log_path = course.state / "logs" / f"{student}--{assignment}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text(f"graded on worker {result.worker}\n{result.log}\n")
-        cwd = Path.cwd()
-        os.chdir(self.course.root)
-        try:
-            with output_to(log_path.with_suffix(".record.log")):
-                made = self.api.autograde(
-                    result.assignment, result.student, force=True, create=True
-                )
-        finally:
-            os.chdir(cwd)
-            shutil.rmtree(folder, ignore_errors=True)
-        if not made["success"]:
-            from autograder.pipeline.grade import _first_error
-
-            return (
-                False,
-                _first_error(made.get("log") or "", made.get("error") or ""),
-                str(log_path),
+        recorded = result.grades.get("notebooks", {})
+        with course.gradebook() as gb:
+            stamp = result.grades.get("timestamp")
+            if stamp:
+                when = datetime.fromisoformat(stamp)
+                submission = gb.update_or_create_submission(assignment, student, timestamp=when)
+            else:
+                submission = gb.update_or_create_submission(assignment, student)
+            for notebook in submission.notebooks:
+                mine = recorded.get(notebook.name)
+                if mine is None:
+                    continue  # not handed in: left as grade() recorded it (0, to review)
+                cells = {g.name for g in notebook.grades} | {c.name for c in notebook.comments}
+                if cells != set(mine["grades"]) | set(mine["comments"]):
+                    return (
+                        False,
+                        (
+                            f"the worker's {notebook.name} has other graded cells than this "
+                            "course's (a different release on the worker?): nothing recorded"
+                        ),
+                        str(log_path),
+                    )
+                for grade in notebook.grades:
+                    grade.auto_score = mine["grades"][grade.name]
+                    # as SaveAutoGrades: a manual grade, or no auto score, asks for review
+                    grade.needs_manual_grade = (
+                        grade.manual_score is not None or grade.auto_score is None
+                    )
+                for comment in notebook.comments:
+                    comment.auto_comment = mine["comments"][comment.name]
+            gb.db.commit()
+        late = AssignLatePenalties(config=self.config)
+        for name in recorded:
+            info = {"notebook": name, "assignment": assignment, "student": student}
+            late.preprocess(
+                nbformat.v4.new_notebook(), {"nbgrader": {**info, "db_url": course.db_url}}
             )
-        target = self.course.feedback / result.student / result.assignment
-        shutil.rmtree(target, ignore_errors=True)
-        for name, data in result.feedback.items():
-            path = (target / name).resolve()
-            if target.resolve() in path.parents:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(data)
+        for folder, files in (
+            (course.autograded / student / assignment, result.autograded),
+            (course.feedback / student / assignment, result.feedback),
+        ):
+            shutil.rmtree(folder, ignore_errors=True)
+            for name, data in files.items():
+                path = (folder / name).resolve()
+                if folder.resolve() in path.parents:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(data)
         return True, "", str(log_path)
 
 
@@ -569,10 +622,13 @@ def run_tasks(
     bundle = course_bundle(course, sorted({a for _, a in jobs}))
     progress(f"Dask: {len(jobs)} notebook task(s)")
     shared = client.scatter(bundle, broadcast=True)
+    with course.gradebook() as gb:
+        duedates = {a: gb.find_assignment(a).duedate for a in {a for _, a in jobs}}
     futures = {}
     for student, assignment in jobs:
         files = staged_files(course, student, assignment)
-        task = Task(student, assignment, files, feedback, unsafe)
+        due = duedates[assignment]
+        task = Task(student, assignment, files, feedback, unsafe, due.isoformat() if due else None)
         key = f"grade-{student}-{assignment}-{os.urandom(4).hex()}"
         future = client.submit(grade_task, shared, task, pure=False, retries=1, key=key)
         futures[future] = (student, assignment)

@@ -72,9 +72,8 @@ class JobResult:
 _api = None  # one NbGraderAPI per worker process
 
 
-def _init_worker(root: str, unsafe: bool = False, export_dir: str = "") -> None:
-    """Worker start: load the course config and make one nbgrader API object. ``export_dir``:
-    a cluster worker's, where each executed notebook is also written for the coordinator."""
+def _init_worker(root: str, unsafe: bool = False) -> None:
+    """Worker start: load the course config and make one nbgrader API object."""
     from nbgrader.apps import NbGraderAPI
 
     global _api
@@ -84,8 +83,6 @@ def _init_worker(root: str, unsafe: bool = False, export_dir: str = "") -> None:
     config = course.config()
     if unsafe:
         config.ResilientExecute.sandbox = False
-    if export_dir:
-        config.GradedExecute.export_dir = export_dir
     _api = NbGraderAPI(config=config)
 
 

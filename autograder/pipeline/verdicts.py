@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nbformat
 from jupyter_core.utils import run_sync
 from nbformat.notebooknode import NotebookNode
 from traitlets import Bool, Dict, Integer, List, Unicode
@@ -228,43 +227,6 @@ class GradedExecute(ResilientExecute):
         "(the grader cannot tell a file someone else made from one the student's code made).",
     ).tag(config=True)
 
-    replay_dir = Unicode(
-        "",
-        help="Coordinator of a cluster run (autograder.pipeline.cluster): take each notebook as "
-        "a worker executed and judged it, from <replay_dir>/<student>/<assignment>/<notebook>"
-        ".ipynb, instead of running it; the other autograde steps run as usual.",
-    ).tag(config=True)
-
-    export_dir = Unicode(
-        "",
-        help="Worker of a cluster run: also write each executed and judged notebook to "
-        "<export_dir>/<student>/<assignment>/<notebook>.ipynb, for the coordinator's replay.",
-    ).tag(config=True)
-
-    def _where(self, folder: str, resources: Any) -> Path:
-        info = (resources or {}).get("nbgrader", {})
-        names = [str(info.get(key) or "") for key in ("student", "assignment", "notebook")]
-        if not all(names) or any(n in (".", "..") or "/" in n for n in names):
-            raise RuntimeError(f"no student, assignment and notebook to replay: {names}")
-        return Path(folder, names[0], names[1], f"{names[2]}.ipynb")
-
-    def _replayed(self, nb: NotebookNode, resources: Any) -> NotebookNode:
-        """The notebook a worker executed and judged, checked to be this submission's."""
-        path = self._where(self.replay_dir, resources)
-        if not path.is_file():
-            raise RuntimeError(f"the worker sent no executed notebook {path.name}")
-        done = nbformat.read(path, as_version=4)
-
-        def code(notebook: NotebookNode) -> list[str]:
-            return [c.source for c in notebook.cells if c.cell_type == "code"]
-
-        if len(done.cells) != len(nb.cells) or code(done) != code(nb):
-            raise RuntimeError(
-                f"the notebook a worker executed for {path.name} is not this submission's (a "
-                "different course version or release on the worker?): graded nothing from it"
-            )
-        return done
-
     def hidden_for(self, assignment: str) -> list[str]:
         """What a sandboxed kernel grading ``assignment`` sees empty."""
         from autograder.pipeline.sandbox import DEFAULT_HIDDEN, PACKAGE_ROOT
@@ -286,18 +248,6 @@ class GradedExecute(ResilientExecute):
         self, nb: NotebookNode, resources: Any = None, km: Any = None
     ) -> tuple[NotebookNode, Any]:
         """Run the notebook with an observation channel, then judge its graded cells."""
-        if self.replay_dir:
-            return self._replayed(nb, resources), resources
-        nb, resources = self._executed_and_judged(nb, resources, km)
-        if self.export_dir:
-            path = self._where(self.export_dir, resources)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            nbformat.write(nb, path)
-        return nb, resources
-
-    def _executed_and_judged(
-        self, nb: NotebookNode, resources: Any = None, km: Any = None
-    ) -> tuple[NotebookNode, Any]:
         if not self.judge_verdicts:
             return super().preprocess(nb, resources, km)
         self._channel = protocol.scratch_channel()
