@@ -15,7 +15,8 @@ from nbgrader.utils import determine_grade
 from autograder.pipeline.verdicts import TAMPERING, Expected, GradedExecute, expected_checks
 
 GOOD = (
-    "def freeze_backbone(model):\n    for p in model.parameters():\n        p.requires_grad_(False)"
+    "def freeze_backbone(model):\n    for p in model.parameters():\n"
+    "        p.requires_grad_(False)\n    return model"
 )
 WRONG = "def freeze_backbone(model):\n    model.eval()  # freezes nothing"
 SETUP = "import autograder.checks.frozen\nfrom autograder import checks, selfcheck"
