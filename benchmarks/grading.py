@@ -235,10 +235,15 @@ def _compare_cluster(args, scratch: Course, submissions, assignments) -> None:
         "",
         f"Measured on the cluster runs: {task:.2f} s per task on a worker (median of the "
         f"workers' means, autograde and feedback), {record:.2f} s per task for the coordinator "
-        "to record it (replay through nbgrader's autograde, gradebook and feedback written), "
-        f"{setup:.1f} s of set-up (cluster start, preflight of every worker, course bundle, "
-        "tasks submitted). Workers grade in parallel; the "
-        "coordinator records one task at a time, so its recording cost bounds the throughput.",
+        "to record it (grades written as nbgrader's SaveAutoGrades does, late penalties, "
+        "autograded folder and feedback written), "
+        f"{setup:.1f} s of set-up (cluster start, preflight of every worker, staging every "
+        "submission as any run does, course bundle, tasks submitted). Workers grade in "
+        "parallel; the coordinator records one task at a "
+        "time, so its recording cost bounds the throughput. On this machine the coordinator "
+        "shares the two cores with the two workers, and each Dask worker starts its own "
+        "warm-kernel zygote and scratch gradebook where `--workers 2` forks both workers from "
+        "one: that, and the cluster's start and preflight, is the difference.",
         "",
         "Projection for 1,000 students x "
         f"{len(assignments)} notebooks ({1000 * len(assignments)} tasks), assuming each worker "

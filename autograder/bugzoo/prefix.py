@@ -20,12 +20,17 @@ from course.compat import cache_keyword, kv_geometry, make_cache
 __all__ = ["BUGS", "VARIANTS"]
 
 
-def _run(model, input_ids, attention_mask, labels, cache, *, extend_mask=True, positions=None):
-    """The model call every prefix_forward variant shares: mask extended by the cache length,
-    real tokens at positions P..P+T-1 unless ``positions`` says otherwise."""
+def _run(
+    model, input_ids, attention_mask, labels, cache, *, extend_mask=True, positions=None, mask=None
+):
+    """The model call every prefix_forward variant shares: mask extended by the cache length
+    (or ``mask`` as given), real tokens at positions P..P+T-1 unless ``positions`` says
+    otherwise."""
     batch, length = input_ids.shape
     p = cache.get_seq_length()
-    if extend_mask:
+    if mask is not None:
+        attention_mask = mask
+    elif extend_mask:
         attention_mask = torch.cat([attention_mask.new_ones(batch, p), attention_mask], dim=1)
     if positions is None:
         positions = torch.arange(p, p + length).unsqueeze(0).expand(batch, -1)
@@ -192,39 +197,20 @@ def prefix_needs_labels(model, encoder, input_ids, attention_mask, labels=None):
 def prefix_mask_ones_from_mask(model, encoder, input_ids, attention_mask, labels=None):
     """Makes the P mask ones with ``ones_like(attention_mask[:, :p])``: P columns only while T
     >= P; a shorter input gets a mask too short for the cache (an adversary's finding)."""
-    batch, length = input_ids.shape
     p = encoder.prefix_len
-    ones = torch.ones_like(attention_mask[:, :p])
-    mask = torch.cat([ones, attention_mask], dim=1)
-    cache = build_prefix_cache(encoder(), batch, _dtype(model))
-    positions = torch.arange(p, p + length).unsqueeze(0).expand(batch, -1)
-    return model(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=positions,
-        labels=labels,
-        use_cache=False,
-        **{cache_keyword(model): cache},
-    )
+    mask = torch.cat([torch.ones_like(attention_mask[:, :p]), attention_mask], dim=1)
+    cache = build_prefix_cache(encoder(), input_ids.shape[0], _dtype(model))
+    return _run(model, input_ids, attention_mask, labels, cache, mask=mask)
 
 
 def prefix_mask_ones_from_last_column(model, encoder, input_ids, attention_mask, labels=None):
     """Makes the P mask ones by repeating the mask's last column: right for left padding (the
     last token is real), but a right-padded row cannot see the prefix (an adversary's
     finding)."""
-    batch, length = input_ids.shape
     p = encoder.prefix_len
     mask = torch.cat([attention_mask[:, -1:].expand(-1, p), attention_mask], dim=1)
-    cache = build_prefix_cache(encoder(), batch, _dtype(model))
-    positions = torch.arange(p, p + length).unsqueeze(0).expand(batch, -1)
-    return model(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=positions,
-        labels=labels,
-        use_cache=False,
-        **{cache_keyword(model): cache},
-    )
+    cache = build_prefix_cache(encoder(), input_ids.shape[0], _dtype(model))
+    return _run(model, input_ids, attention_mask, labels, cache, mask=mask)
 
 
 # --- build_prefix_cache ------------------------------------------------------------------------
