@@ -16,7 +16,7 @@ from autograder import reference
 from autograder.bugzoo import BUGS, graded_objects
 from autograder.bugzoo import incidents as inc
 from autograder.bugzoo import prefix as prefix_bugs
-from autograder.bugzoo.releases import _PREAMBLE, RELEASES, release, service_forward
+from autograder.bugzoo.releases import _FORWARD_OK, _PREAMBLE, RELEASES, release, service_forward
 from autograder.checks import CHECKS, get_check
 from autograder.checks.models import tiny_model
 
@@ -97,22 +97,11 @@ def _patched(key: str, edits: list[tuple[str, str]]) -> object:
 def _objects(function: str, fn: object) -> dict[str, object]:
     objects = graded_objects()
     objects[function] = fn
-    if function == "build_prefix_cache":  # the student's prefix_forward calls their cache
-
-        def forward(model, encoder, input_ids, attention_mask, labels=None):
-            batch, length = input_ids.shape
-            p = encoder.prefix_len
-            mask = torch.cat([attention_mask.new_ones(batch, p), attention_mask], dim=1)
-            positions = torch.arange(p, p + length).expand(batch, -1)
-            return model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                labels=labels,
-                use_cache=False,
-                past_key_values=fn(encoder(), batch, model.dtype),
-            )
-
+    if function == "build_prefix_cache":  # the service's prefix_forward, on this cache
+        namespace: dict[str, object] = {}
+        exec(_PREAMBLE + _FORWARD_OK, namespace)  # noqa: S102
+        namespace["build_prefix_cache"] = fn
+        forward = namespace["prefix_forward"]
         objects["prefix_forward"] = forward
     return objects
 
