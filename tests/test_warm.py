@@ -210,3 +210,22 @@ def test_fallback_when_grader_files_change_or_the_interpreter_differs(zygote) ->
     other = ["/usr/bin/python3", "-m", "ipykernel_launcher", "-f", "k.json"]
     assert warm._launcher_args(other) is None
     assert warm._launcher_args([sys.executable, "-m", "other_kernel"]) is None
+
+
+def test_a_variable_the_zygotes_imports_set_too_is_no_mismatch(zygote, monkeypatch) -> None:
+    # A grader that imported torch after starting its zygote has TORCHINDUCTOR_CACHE_DIR, which
+    # the zygote's own imports set to the same value: its kernels are the same, so it forks.
+    monkeypatch.setattr(zygote, "set_by_imports", lambda: {"TORCH_SET_ON_IMPORT": "/a"})
+    assert zygote.mismatch(dict(os.environ, TORCH_SET_ON_IMPORT="/a")) == ""
+    assert "TORCH_SET_ON_IMPORT" in zygote.mismatch(dict(os.environ, TORCH_SET_ON_IMPORT="/b"))
+    monkeypatch.setattr(zygote, "env", dict(zygote.env, TORCH_SET_ON_IMPORT="/a"))
+    assert "TORCH_SET_ON_IMPORT" in zygote.mismatch(dict(os.environ))  # the zygote started with it
+
+
+def test_the_zygote_publishes_what_its_imports_set(zygote) -> None:
+    assert (Path(zygote.folder) / warm.IMPORTS_SET).is_file()  # written before it listened
+    published = zygote.set_by_imports()
+    assert published == warm._import_env(published)
+    if "TORCHINDUCTOR_CACHE_DIR" in published:  # torch 2.13 sets it when it imports
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=published["TORCHINDUCTOR_CACHE_DIR"])
+        assert zygote.mismatch(env) == ""

@@ -43,6 +43,7 @@ memory. A kernel whose sandbox hides more than the zygote kept out is launched t
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import dataclasses
 import importlib
@@ -159,6 +160,11 @@ def _unblock() -> None:
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _Blocked)]
 
 
+IMPORTS_SET = "set-by-imports.json"
+"""In the zygote's folder: the import-time variables (:func:`_import_env`) that its imports set
+themselves, e.g. torch's ``TORCHINDUCTOR_CACHE_DIR``; written before it listens."""
+
+
 def _import_env(env: dict[str, str]) -> dict[str, str]:
     """The part of ``env`` that modules read at import time (see :data:`IMPORT_TIME_ENV`)."""
     return {
@@ -195,6 +201,11 @@ def serve(address: str, parent: int, blocked: list[str] = ()) -> None:  # type: 
     # Variables the imports themselves set (TORCHINDUCTOR_CACHE_DIR, ...) are kept in kernels.
     set_by_imports = {k: v for k, v in os.environ.items() if k not in before}
     set_by_imports.pop("MPLBACKEND", None)
+    # ... and published before listening: a grader that has them too (it imported torch since
+    # it started us) asks for the same kernel (Zygote.mismatch).
+    published = Path(address).with_name(IMPORTS_SET)
+    published.with_suffix(".tmp").write_text(json.dumps(_import_env(set_by_imports)))
+    published.with_suffix(".tmp").replace(published)
     # Python threads would be lost in the fork, with any lock they hold. (numpy's OpenBLAS pool,
     # a native thread, re-creates itself in the child: OpenBLAS registers fork handlers.)
     if threading.active_count() != 1:
@@ -461,6 +472,14 @@ class Zygote:
             self.stop()
         return self._ready
 
+    def set_by_imports(self) -> dict[str, str]:
+        """What the zygote's imports set in its environment (:data:`IMPORTS_SET`); {} before
+        it is ready."""
+        try:
+            return json.loads((Path(self.folder) / IMPORTS_SET).read_text())
+        except (OSError, ValueError):
+            return {}
+
     def why_not(self) -> str:
         """The zygote's last words, for the log of a grader that fell back to normal kernels."""
         with contextlib.suppress(OSError):
@@ -473,6 +492,11 @@ class Zygote:
         gives, or would inherit what its sandbox hides; "" if it would not."""
         wanted = _import_env(dict(env, MPLBACKEND=env.get("MPLBACKEND", "")))
         differ = sorted(k for k in set(wanted) | set(self.env) if wanted.get(k) != self.env.get(k))
+        if differ and all(k not in self.env for k in differ) and self.wait_ready():
+            # set in the grader by an import since the zygote started, and by the zygote's own
+            # imports to the same value: the forked kernel has it as a fresh kernel would
+            ours = self.set_by_imports()
+            differ = [k for k in differ if ours.get(k) != wanted[k]]
         if differ:
             return "the kernel's environment differs from the zygote's in " + ", ".join(differ)
         if _grader_files() != self.files:
@@ -703,6 +727,12 @@ class SandboxProvisioner(LocalProvisioner):
             self.folder = self.spec_file = None
 
 
+LAUNCHES: collections.Counter[str] = collections.Counter()
+"""How this process's :class:`WarmProvisioner` started its kernels: ``forked``, ``launched``
+(normally), and ``launched because <why>`` per reason (``grade --cluster`` reports them per
+worker: a zygote that cannot serve makes every notebook seconds slower, silently)."""
+
+
 class WarmProvisioner(SandboxProvisioner):
     """A provisioner whose kernels are forked from this process's zygote when possible."""
 
@@ -733,8 +763,11 @@ class WarmProvisioner(SandboxProvisioner):
                 why = f"the zygote did not answer: {err!r}"
         if why:
             self.log.info("Warm kernels: starting a normal kernel, because %s", why)
+            LAUNCHES["launched"] += 1
+            LAUNCHES[f"launched because {why}"] += 1
             self.forked = False
             return await super().launch_kernel(cmd, **kwargs)
+        LAUNCHES["forked"] += 1
         self.log.debug("Warm kernels: kernel %d forked from the zygote", self.process.pid)
         self.forked = True
         self.pid = self.pgid = self.process.pid
