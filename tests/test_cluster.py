@@ -19,9 +19,9 @@ import pytest
 from nbgrader.api import Gradebook
 from test_pipeline import ASSIGNMENT, cli, make_course, released, set_cell
 
-from autograder.pipeline import classroom, cluster
+from autograder.pipeline import classroom, cluster, warm
 from autograder.pipeline.coursedir import REPO_ROOT, Course, CourseError
-from autograder.pipeline.grade import JOURNAL, Journal
+from autograder.pipeline.grade import JOURNAL, Journal, sync_gradebook
 
 pytest.importorskip("distributed")
 
@@ -114,6 +114,10 @@ def test_a_worker_killed_mid_notebook_loses_nothing_and_grades_nobody_twice(clas
     assert rc == 0, out + err
     assert marker.exists(), "the worker grading solution-0 was not killed"
     assert "dashboard http" in out
+    workers = [line for line in out.splitlines() if line.startswith("worker ")]
+    assert workers and all("forked from its zygote" in line for line in workers), out
+    if warm.supported():  # every kernel forked: a zygote that cannot serve is seconds a notebook
+        assert "launched normally" not in out, out
     graded = [line.split(":")[0] for line in out.splitlines() if ": graded in " in line]
     assert sorted(graded) == sorted(f"{s}/{ASSIGNMENT}" for s in STUDENTS), out
     assert _grades(course) == expected, "the cluster's grades differ from --workers 2's"
@@ -211,6 +215,7 @@ def test_preflight_names_the_fix_for_each_worker() -> None:
         "tcp://c:1": {**good, "daemon": True},
         "tcp://d:1": {**good, "sandbox": False, "sandbox_message": "no user namespaces"},
         "tcp://e:1": OSError("connection reset"),
+        "tcp://f:1": {**good, "lacking": ["torch", "nbgrader"]},
     }
     with pytest.raises(CourseError) as info:
         cluster.preflight(_FakeClient(answers), unsafe=False)
@@ -220,9 +225,62 @@ def test_preflight_names_the_fix_for_each_worker() -> None:
     assert "tcp://c:1" in text and "DASK_DISTRIBUTED__WORKER__DAEMON=False" in text
     assert "tcp://d:1: cannot sandbox kernels (no user namespaces)" in text and "--unsafe" in text
     assert "tcp://e:1: could not be probed" in text
+    assert "tcp://f:1: lacks torch, nbgrader" in text and "dependencies" in text
     assert cluster.preflight(_FakeClient({"tcp://a:1": good}), unsafe=False)
     with pytest.raises(CourseError, match="no workers"):
         cluster.preflight(_FakeClient({}), unsafe=False)
+
+
+def test_the_probe_imports_neither_the_course_nor_torch() -> None:
+    """Importing the course imports torch, seconds on every worker: the probe finds the
+    packages without importing them, and still names what a worker lacks."""
+    code = (
+        "import sys; from autograder.pipeline import cluster; info = cluster.fingerprint(); "
+        "print(len(info['sources']), info['lacking'], info['sandbox'] in (True, False), "
+        "sorted({'torch', 'course', 'transformers'} & set(sys.modules)))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert done.stdout.split("\n")[0] == "16 [] True []", done.stdout + done.stderr
+    blocked = "import sys; sys.modules['transformers'] = None; " + code
+    done = subprocess.run(
+        [sys.executable, "-c", blocked], env=env, cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert "16 ['transformers']" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_worker_grades_against_the_coordinators_record_and_is_released(template, tmp_path):
+    """The bundle carries the coordinator's gradebook without its students (the worker records
+    nothing itself); releasing a run stops the worker's grading process and deletes its course."""
+    course, _ = _copy(template, tmp_path / "class")
+    sync_gradebook(course, [ASSIGNMENT])
+    with course.gradebook() as gb:
+        gb.update_or_create_student("somebody-graded-before")
+        gb.update_or_create_submission(ASSIGNMENT, "somebody-graded-before")
+        assert gb.students
+        expected = {
+            (g.name, g.max_score) for g in gb.find_notebook(ASSIGNMENT, ASSIGNMENT).grade_cells
+        }
+    bundle = cluster.course_bundle(course, [ASSIGNMENT])
+    assert bundle.digest == cluster.course_bundle(course, [ASSIGNMENT]).digest
+    cluster.prepare_worker(bundle, unsafe=True)
+    root = cluster._SCRATCH[bundle.digest]
+    try:
+        with Gradebook(f"sqlite:///{root / '.nbgrader' / 'gradebook.db'}", "") as gb:
+            assert gb.students == [], "the coordinator's students travelled to the worker"
+            notebook = gb.find_notebook(ASSIGNMENT, ASSIGNMENT)
+            assert {(g.name, g.max_score) for g in notebook.grade_cells} == expected
+        (pool,) = [p for key, p in cluster._POOL.items() if key.startswith(f"{root}:")]
+        (process,) = pool._processes.values()
+        assert process.is_alive(), "prepare_worker starts the grading process"
+    finally:
+        cluster._release_worker(bundle.digest)
+    assert not root.exists() and bundle.digest not in cluster._SCRATCH
+    assert not any(key.startswith(f"{root}:") for key in cluster._POOL)
+    process.join(10)
+    assert not process.is_alive(), "the grading process outlived the run"
 
 
 def test_cluster_specs_are_parsed_or_refused() -> None:
@@ -272,6 +330,33 @@ def test_workers_need_no_dask_and_cluster_names_the_extra(template, tmp_path) ->
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "solution-0/99_fixture: graded in" in done.stdout
+
+
+def test_the_documented_worker_settings_are_the_local_clusters() -> None:
+    """docs/cluster/README.md's "Keep Dask quiet" variables, read by Dask, give exactly the
+    settings --cluster local:N uses, and every example that starts workers sets each of them."""
+    folder = REPO_ROOT / "docs" / "cluster"
+    readme = (folder / "README.md").read_text()
+    block = readme.split("## Keep Dask quiet", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    names = [line.removeprefix("export ").split("=")[0] for line in block.split("\n") if line]
+    env = dict(line.removeprefix("export ").split("=", 1) for line in block.split("\n") if line)
+    code = (
+        "import json, dask, distributed; from autograder.pipeline.cluster import QUIET; "
+        "print(json.dumps({k: [dask.config.get(k), v] for k, v in QUIET.items()}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, cwd=REPO_ROOT,
+        capture_output=True, text=True,
+    )  # fmt: skip
+    import json
+
+    pairs = json.loads(done.stdout)
+    assert len(names) == len(pairs), "one variable per setting"
+    assert all(got == wanted for got, wanted in pairs.values()), pairs
+    for example in ("ssh.sh", "slurm-workers.sbatch", "slurm_cluster.py", "kubernetes.yaml",
+                    "dask-kubernetes-cluster.yaml"):  # fmt: skip
+        text = (folder / example).read_text()
+        assert all(name in text for name in names), f"{example} does not keep Dask quiet"
 
 
 def test_the_example_cluster_configs_parse() -> None:

@@ -1,17 +1,22 @@
 """``grade --cluster``: the same grading on a Dask cluster (``dask.distributed``).
 
 Each (student, assignment) is one Dask task. The coordinator (the machine running ``grade``)
-stages every submission as ``grade`` always does, then sends each task its staged files and, once
-per worker, a bundle of the course (``nbgrader_config.py`` and the graded assignments' source
-notebooks): workers need the course *package* installed, not the course folder, and no shared
-filesystem. A worker grades in a private scratch course with a private gradebook, through one
-long-lived grading process of its own that keeps its own warm-kernel zygote and its own sandbox
-(:mod:`autograder.pipeline.warm`, :mod:`autograder.pipeline.sandbox`), exactly as a ``--workers``
-process does, and returns its autograded folder, the grades its nbgrader autograde recorded in the
-private gradebook, and the feedback HTML. Only the coordinator writes the gradebook,
-``autograded/`` and ``feedback/``: it records those grades as nbgrader's ``SaveAutoGrades`` does
-(a cell with a manual grade is marked for review) and assigns late penalties with nbgrader's own
-``AssignLatePenalties``, after checking that the worker's cells are this course's.
+records the assignments in its gradebook, sends every worker a bundle of the course
+(``nbgrader_config.py``, the graded assignments' source notebooks and that gradebook without its
+students) and has each get ready (:func:`prepare_worker`: scratch course, zygote, grading process)
+while it stages every submission as ``grade`` always does; then it sends each task its staged
+files. Workers need the course *package* installed, not the course folder, and no shared
+filesystem. A worker grades in its private scratch course with a private gradebook, through one
+long-lived grading process of its own that forks its kernels from its own warm-kernel zygote and
+sandboxes them (:mod:`autograder.pipeline.warm`, :mod:`autograder.pipeline.sandbox`), exactly as
+a ``--workers`` process does, and returns its autograded folder, the grades its nbgrader autograde
+recorded in the private gradebook, and the feedback HTML. At the end of the run every worker
+stops its grading process and zygote and deletes its scratch course (:func:`release`).
+
+Only the coordinator writes the gradebook, ``autograded/`` and ``feedback/``: it records those
+grades as nbgrader's ``SaveAutoGrades`` does (a cell with a manual grade is marked for review) and
+assigns late penalties with nbgrader's own ``AssignLatePenalties``, after checking that the
+worker's cells are this course's.
 
 A worker that dies mid-notebook loses nothing: its task is re-run elsewhere by Dask, and since
 workers write nothing of the course's, the student is recorded once, when a result arrives. The
@@ -50,6 +55,7 @@ from autograder.pipeline.coursedir import Course, CourseError
 __all__ = [
     "FAULT_ENV",
     "Bundle",
+    "Prepared",
     "Task",
     "TaskResult",
     "connect",
@@ -57,6 +63,9 @@ __all__ = [
     "fingerprint",
     "parse_cluster",
     "preflight",
+    "prepare",
+    "prepare_worker",
+    "release",
     "run_tasks",
 ]
 
@@ -66,6 +75,17 @@ STATS: dict[str, object] = {}
 ``record`` coordinator seconds per recorded task, ``workers``."""
 
 _CONNECTED_AT = 0.0  # when connect() began: the set-up time STATS reports starts there
+
+QUIET = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.worker.memory.monitor-interval": "1s",
+}
+"""Dask settings of ``--cluster local:N`` (and recommended for every grading worker,
+``docs/cluster/README.md``): a grading task waits on its grading process, so Dask's statistical
+profiler (every 10 ms), event-loop tick (20 ms) and monitors (100-500 ms) only take CPU from the
+kernels: about 0.06 s per second per worker on this 2-core machine, 0.008 s with these."""
 
 INSTALL_HINT = 'pip install "soft-prompts-course[cluster]" (or: pip install "dask[distributed]")'
 FAULT_ENV = "AUTOGRADER_FAULT"
@@ -111,13 +131,15 @@ def _import_distributed():
 # ---------------------------------------------------------------------------------------------
 def fingerprint() -> dict[str, object]:
     """What a machine grades with: the course package's version and a digest of its Python
-    sources, whether it can sandbox kernels, and whether it may start a grading process.
+    sources, whether the packages it grades with are installed, whether it can sandbox kernels,
+    and whether it may start a grading process.
 
     Sent to the workers by value (``client.run``), so it must import nothing of the course at
-    module level: a worker without the course package answers with why."""
+    module level: a worker without the course package answers with why. It imports none of it
+    at all (``find_spec`` only): importing the course would import torch, seconds per worker."""
     import hashlib as _hashlib
-    import importlib
     import importlib.metadata
+    import importlib.util
     import multiprocessing
     import platform
     from pathlib import Path as _Path
@@ -130,14 +152,21 @@ def fingerprint() -> dict[str, object]:
         info["version"] = importlib.metadata.version("soft-prompts-course")
     except importlib.metadata.PackageNotFoundError:
         info["version"] = None
-    try:
-        packages = [importlib.import_module(name) for name in ("autograder", "course")]
-    except ImportError as err:
-        info["missing"] = f"{type(err).__name__}: {err}"
-        return info
+    roots = []
+    for name in ("autograder", "course"):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError) as err:
+            info["missing"] = f"{name}: {type(err).__name__}: {err}"
+            return info
+        if spec is None or not spec.submodule_search_locations:
+            info["missing"] = f"no package {name!r} can be imported"
+            return info
+        roots.append(_Path(next(iter(spec.submodule_search_locations))))
+    needed = ("torch", "transformers", "nbgrader", "ipykernel", "jupyter_client")
+    info["lacking"] = [name for name in needed if importlib.util.find_spec(name) is None]
     digest = _hashlib.sha256()
-    for package in packages:
-        root = _Path(package.__file__).parent
+    for root in roots:
         for path in sorted(root.rglob("*.py")):
             digest.update(str(path.relative_to(root.parent)).encode())
             digest.update(path.read_bytes())
@@ -189,6 +218,11 @@ def preflight(client, unsafe: bool) -> dict[str, dict[str, object]]:
                 f"{info.get('sources')}), this machine with {here.get('version')} (sources "
                 f"{here.get('sources')}); install the same version on every worker"
             )
+        if info.get("lacking"):
+            problems.append(
+                f"{address}: lacks {', '.join(info['lacking'])}, which grading needs; install "
+                "the course package with its dependencies there"
+            )
         if info.get("daemon"):
             problems.append(
                 f"{address}: runs as a daemonic process and cannot start its grading process; "
@@ -220,7 +254,7 @@ def connect(spec: str, progress: Callable[[str], None] = lambda line: None) -> I
     if kind == "local":
         # Kept for this process, not a with-block: the nanny restarts a dead worker later, and
         # that worker must be allowed to start its grading process too.
-        dask.config.set({"distributed.worker.daemon": False})
+        dask.config.set({"distributed.worker.daemon": False, **QUIET})
         cluster = distributed.LocalCluster(
             n_workers=int(value),
             threads_per_worker=1,
@@ -271,9 +305,38 @@ class Bundle:
     data: bytes = field(repr=False)
 
 
+GRADEBOOK_TEMPLATE = ".nbgrader/gradebook.db"
+"""In a :class:`Bundle`: the coordinator's gradebook with its assignments recorded (cells,
+points, checksums, as ``sync_gradebook`` left them) and no student, so that a worker grades
+against exactly the coordinator's record instead of recording the assignments again."""
+
+_STUDENT_TABLES = ("grade", "comment", "submitted_notebook", "submitted_assignment", "student")
+
+
+def _gradebook_template(course: Course) -> bytes:
+    """:data:`GRADEBOOK_TEMPLATE`'s bytes: a copy of the gradebook without its students."""
+    import sqlite3
+
+    with tempfile.TemporaryDirectory(prefix="autograder-gradebook-") as folder:
+        copy = Path(folder) / "gradebook.db"
+        source = sqlite3.connect(course.state / "gradebook.db")
+        target = sqlite3.connect(copy)
+        try:
+            source.backup(target)
+            with target:
+                for table in _STUDENT_TABLES:  # children first: no dangling foreign key
+                    target.execute(f"DELETE FROM {table}")  # noqa: S608 - our own names
+            target.execute("VACUUM")
+        finally:
+            source.close()
+            target.close()
+        return copy.read_bytes()
+
+
 def course_bundle(course: Course, assignments: Sequence[str]) -> Bundle:
-    """``nbgrader_config.py`` (with any Python module beside it) and ``solutions/<assignment>/``
-    of each graded assignment."""
+    """``nbgrader_config.py`` (with any Python module beside it), ``solutions/<assignment>/`` of
+    each graded assignment, and the gradebook template (:data:`GRADEBOOK_TEMPLATE`; the
+    assignments must be recorded in the gradebook already). The digest is the course files'."""
     buffer = io.BytesIO()
     digest = hashlib.sha256()
     paths = sorted(course.root.glob("*.py"))  # nbgrader_config.py and the course's own modules
@@ -282,11 +345,12 @@ def course_bundle(course: Course, assignments: Sequence[str]) -> Bundle:
         paths += sorted(
             p for p in folder.rglob("*") if p.is_file() and ".ipynb_checkpoints" not in p.parts
         )
+    files = [(str(path.relative_to(course.root)), path.read_bytes()) for path in paths]
+    for name, data in files:
+        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    files.append((GRADEBOOK_TEMPLATE, _gradebook_template(course)))
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for path in paths:
-            name = str(path.relative_to(course.root))
-            data = path.read_bytes()
-            digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+        for name, data in files:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mtime = 0
@@ -321,6 +385,7 @@ class TaskResult:
     autograded: dict[str, bytes] = field(default_factory=dict, repr=False)
     feedback: dict[str, bytes] = field(default_factory=dict, repr=False)
     grades: dict[str, object] = field(default_factory=dict)
+    kernels: dict[str, int] = field(default_factory=dict)  # forked / launched (and why)
 
 
 def staged_files(course: Course, student: str, assignment: str) -> dict[str, bytes]:
@@ -339,13 +404,13 @@ def staged_files(course: Course, student: str, assignment: str) -> dict[str, byt
 _LOCK = threading.Lock()
 _SCRATCH: dict[str, Path] = {}
 _POOL: dict[str, ProcessPoolExecutor] = {}
+_STARTED: set[str] = set()  # "zygote" when this module started this process's zygote
 
 
 def _scratch_course(bundle: Bundle) -> Path:
-    """This worker's private course for ``bundle`` (made once): its files, its gradebook with
-    the assignments recorded, and the release ``grade`` stages against."""
+    """This worker's private course for ``bundle`` (made once): its files and its gradebook,
+    the coordinator's template (:data:`GRADEBOOK_TEMPLATE`), in a fresh folder."""
     from autograder.pipeline.coursedir import prepare_environment
-    from autograder.pipeline.grade import sync_gradebook
 
     with _LOCK:
         if bundle.digest in _SCRATCH:
@@ -354,14 +419,47 @@ def _scratch_course(bundle: Bundle) -> Path:
         with tarfile.open(fileobj=io.BytesIO(bundle.data), mode="r:gz") as tar:
             tar.extractall(root, filter="data")
         course = Course.at(root)
+        if not (course.state / "gradebook.db").is_file():
+            raise CourseError("the course bundle has no gradebook template")
         prepare_environment(course)
         if course.config().ResilientExecute.get("warm_kernels", True):
             from autograder.pipeline import warm
 
-            warm.start_early()  # its imports overlap the gradebook's set-up below
-        sync_gradebook(course, bundle.assignments)
+            if warm.Zygote.get(start=False) is None:
+                _STARTED.add("zygote")  # ours to stop when the run is released
+            warm.start_early()
         _SCRATCH[bundle.digest] = root
         return root
+
+
+def prepare_worker(bundle: Bundle, unsafe: bool) -> str:
+    """Make this worker ready to grade ``bundle``'s course: its scratch course, its zygote
+    (importing in the background) and its grading process with nbgrader loaded. Run once per
+    worker while the coordinator stages the submissions; a task does the same if it comes
+    first (a worker that joined later)."""
+    root = _scratch_course(bundle)
+    _grading_process(root, unsafe).submit(os.getpid).result()  # started, initializer run
+    return _worker_name()
+
+
+def _release_worker(digest: str) -> None:
+    """Stop what :func:`prepare_worker` started for ``digest`` and delete its scratch course;
+    the zygote too, if it started it, once no course is left (``client.run``, at the end of a
+    run)."""
+    from autograder.pipeline import warm
+
+    with _LOCK:
+        root = _SCRATCH.pop(digest, None)
+        pools = [_POOL.pop(key) for key in list(_POOL) if root and key.startswith(f"{root}:")]
+        stop_zygote = not _SCRATCH and "zygote" in _STARTED
+        if stop_zygote:
+            _STARTED.discard("zygote")
+    for pool in pools:
+        pool.shutdown(wait=True, cancel_futures=True)
+    if stop_zygote and (zygote := warm.Zygote.get(start=False)) is not None:
+        zygote.stop()
+    if root is not None:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _init_grading_process(root: str, unsafe: bool) -> None:
@@ -468,9 +566,20 @@ def _recorded_grades(course: Course, task: Task, notebooks: Sequence[Path]) -> d
         }
 
 
+def _run_counted(job) -> tuple[object, dict[str, int]]:
+    """``_run_job`` in the grading process, with how its kernels were started
+    (:data:`autograder.pipeline.warm.LAUNCHES`)."""
+    from autograder.pipeline import warm
+    from autograder.pipeline.grade import _run_job
+
+    before = Counter(warm.LAUNCHES)
+    outcome = _run_job(job)
+    return outcome, dict(warm.LAUNCHES - before)
+
+
 def grade_task(bundle: Bundle, task: Task) -> TaskResult:
     """Grade one task on this worker (the Dask task function)."""
-    from autograder.pipeline.grade import Job, _run_job
+    from autograder.pipeline.grade import Job
 
     start = time.perf_counter()
     worker = _worker_name()
@@ -491,12 +600,12 @@ def grade_task(bundle: Bundle, task: Task) -> TaskResult:
         _set_duedate(course, task.assignment, task.duedate)
         job = Job(str(root), task.student, task.assignment, task.feedback)
         pool = _grading_process(root, task.unsafe)
-        future = pool.submit(_run_job, job)
+        future = pool.submit(_run_counted, job)
         if _fault_worker(task):
             time.sleep(1.0)  # the notebook is being graded: die in the middle of it
             os._exit(17)
         try:
-            outcome = future.result()
+            outcome, kernels = future.result()
         except BrokenProcessPool:
             _grading_process(root, task.unsafe, fresh=True)
             raise RuntimeError("this worker's grading process died; it was restarted") from None
@@ -517,6 +626,7 @@ def grade_task(bundle: Bundle, task: Task) -> TaskResult:
         return TaskResult(
             task.student, task.assignment, outcome.success, outcome.message, log,
             outcome.seconds, worker, outcome.feedback_error, autograded, feedback, grades,
+            kernels,
         )  # fmt: skip
     except Exception as err:  # noqa: BLE001 - reported for this task, the others go on
         return TaskResult(
@@ -598,8 +708,60 @@ class _Recorder:
         return True, "", str(log_path)
 
 
+@dataclass
+class Prepared:
+    """A run's course bundle, scattered to the workers, and their preparation under way."""
+
+    bundle: Bundle
+    shared: object  # the bundle's Dask future, held by every worker
+    warming: list  # prepare_worker futures, one per worker
+    started: float
+
+
+def prepare(client, course: Course, assignments: Sequence[str], unsafe: bool) -> Prepared:
+    """Send every worker the course bundle and start :func:`prepare_worker` on each, so their
+    zygotes, scratch courses and grading processes get ready while the coordinator stages the
+    submissions. ``assignments`` must be recorded in the gradebook already."""
+    started = time.perf_counter()
+    bundle = course_bundle(course, assignments)
+    shared = client.scatter(bundle, broadcast=True)
+    warming = [
+        client.submit(
+            prepare_worker,
+            shared,
+            unsafe,
+            workers=[address],
+            allow_other_workers=False,
+            pure=False,
+            key=f"prepare-{bundle.digest}-{os.urandom(4).hex()}",
+        )  # fmt: skip
+        for address in client.scheduler_info().get("workers", {})
+    ]
+    return Prepared(bundle, shared, warming, started)
+
+
+def release(client, prepared: Prepared) -> None:
+    """Stop the workers' grading processes (and their zygotes) and delete their scratch
+    courses: nothing of a run stays on a long-lived cluster, and a local one closes fast."""
+    client.cancel(prepared.warming)
+    with contextlib.suppress(Exception):  # a worker that is gone has nothing left to release
+        client.run(_release_worker, prepared.bundle.digest, on_error="ignore")
+
+
+def _kernels_line(kernels: Counter[str]) -> str:
+    """How a worker's kernels started, for its report line."""
+    line = f"kernels: {kernels['forked']} forked from its zygote"
+    if kernels["launched"]:
+        reasons = [
+            k.removeprefix("launched because ") for k in kernels if k.startswith("launched ")
+        ]
+        line += f", {kernels['launched']} launched normally ({'; '.join(sorted(reasons))})"
+    return line
+
+
 def run_tasks(
     client,
+    prepared: Prepared,
     course: Course,
     jobs: Sequence[tuple[str, str]],
     feedback: bool,
@@ -607,8 +769,8 @@ def run_tasks(
     progress: Callable[[str], None] = lambda line: None,
 ) -> Iterator[tuple[str, str, object]]:
     """Grade ``jobs`` ((student, assignment), already staged in ``submitted/``) on the cluster
-    of ``client`` (checked by :func:`preflight`); yields ``(student, assignment, JobResult or
-    exception)`` as each is recorded here."""
+    of ``client`` (checked by :func:`preflight`, readied by :func:`prepare`); yields
+    ``(student, assignment, JobResult or exception)`` as each is recorded here."""
     from distributed import as_completed
     from tqdm.auto import tqdm
 
@@ -618,10 +780,7 @@ def run_tasks(
     STATS.update(task=[], record=[], workers=len(client.scheduler_info().get("workers", {})))
     if not jobs:
         return
-    started = time.perf_counter()
-    bundle = course_bundle(course, sorted({a for _, a in jobs}))
     progress(f"Dask: {len(jobs)} notebook task(s)")
-    shared = client.scatter(bundle, broadcast=True)
     with course.gradebook() as gb:
         duedates = {a: gb.find_assignment(a).duedate for a in {a for _, a in jobs}}
     futures = {}
@@ -630,12 +789,13 @@ def run_tasks(
         due = duedates[assignment]
         task = Task(student, assignment, files, feedback, unsafe, due.isoformat() if due else None)
         key = f"grade-{student}-{assignment}-{os.urandom(4).hex()}"
-        future = client.submit(grade_task, shared, task, pure=False, retries=1, key=key)
+        future = client.submit(grade_task, prepared.shared, task, pure=False, retries=1, key=key)
         futures[future] = (student, assignment)
     recorder = _Recorder(course, unsafe)
-    STATS["setup"] = time.perf_counter() - min(started, _CONNECTED_AT or started)
+    STATS["setup"] = time.perf_counter() - min(prepared.started, _CONNECTED_AT or prepared.started)
     done: Counter[str] = Counter()
     seconds: Counter[str] = Counter()
+    kernels: dict[str, Counter[str]] = {}
     bar = tqdm(total=len(futures), desc="grading", unit="notebook", file=sys.stderr, disable=None)
     try:
         for future in as_completed(futures):
@@ -648,6 +808,7 @@ def run_tasks(
                 continue
             done[result.worker] += 1
             seconds[result.worker] += result.seconds
+            kernels.setdefault(result.worker, Counter()).update(result.kernels)
             STATS["task"].append(result.seconds)
             if result.success:
                 clock = time.perf_counter()
@@ -665,7 +826,10 @@ def run_tasks(
     finally:
         bar.close()
     for worker, count in sorted(done.items()):
-        progress(f"worker {worker}: {count} notebook(s), {seconds[worker] / count:.2f} s each")
+        progress(
+            f"worker {worker}: {count} notebook(s), {seconds[worker] / count:.2f} s each; "
+            + _kernels_line(kernels.get(worker, Counter()))
+        )
     if STATS["record"]:
         recorded = sorted(STATS["record"])
         progress(

@@ -444,6 +444,33 @@ def _grade(
     graded_assignments = sorted({assignment for _, assignment, _ in found})
     journal = Journal(course, _course_digest(course, graded_assignments), resume)
     sync_gradebook(course, graded_assignments)
+    if client is not None:
+        from autograder.pipeline import cluster as dask_cluster
+
+        # the workers get ready (zygote, scratch course, grading process) while we stage
+        prepared = dask_cluster.prepare(client, course, graded_assignments, unsafe)
+        try:
+            return _stage_and_grade(course, found, warnings, journal, workers, feedback,
+                                    progress, unsafe, (client, prepared))  # fmt: skip
+        finally:
+            dask_cluster.release(client, prepared)
+    return _stage_and_grade(course, found, warnings, journal, workers, feedback, progress,
+                            unsafe, None)  # fmt: skip
+
+
+def _stage_and_grade(
+    course: Course,
+    found: list[tuple[str, str, Path | None]],
+    warnings: list[str],
+    journal: Journal,
+    workers: int,
+    feedback: bool,
+    progress: Callable[[str], None],
+    unsafe: bool,
+    cluster: tuple[object, object] | None,
+) -> tuple[list[NotebookResult], list[str]]:
+    """The rest of :func:`_grade`: stage, grade (``cluster``: a Dask client and its prepared
+    run), record, report."""
     release = course.state / "release"
     staged = [
         _stage_safely(course, release, folder, student, assignment)
@@ -471,14 +498,15 @@ def _grade(
         else:  # until nbgrader records the new scores: an interrupted run leaves no old ones
             _record_missing(course, s, review=True)
             to_run.append(s)
-    if client is not None:
+    if cluster is not None:
         from autograder.pipeline import cluster as dask_cluster
 
+        client, prepared = cluster
         by_key = {(s.student, s.assignment): s for s in to_run}
         outcomes = (
             (by_key[(student, assignment)], outcome)
             for student, assignment, outcome in dask_cluster.run_tasks(
-                client, course, list(by_key), feedback, unsafe, progress
+                client, prepared, course, list(by_key), feedback, unsafe, progress
             )
         )
     else:

@@ -23,6 +23,11 @@ cluster = SLURMCluster(
     job_script_prologue=[
         "source ~/venvs/course/bin/activate",  # edit: the environment with the course
         "export DASK_DISTRIBUTED__WORKER__DAEMON=False",  # workers start a grading process
+        # quiet: no profiler, slow ticks and monitors (README.md, "Keep Dask quiet")
+        "export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False",
+        "export DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=1s",
+        "export DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL=2s",
+        "export DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL=1s",
     ],
 )
 cluster.scale(jobs=8)  # 8 jobs x 4 workers = 32 notebooks at a time

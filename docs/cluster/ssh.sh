@@ -13,7 +13,12 @@ SCHEDULER_PID=$!
 trap 'kill "$SCHEDULER_PID"; for h in "${HOSTS[@]}"; do ssh "$h" pkill -f "dask worker" || true; done' EXIT
 
 for host in "${HOSTS[@]}"; do
-    ssh "$host" "DASK_DISTRIBUTED__WORKER__DAEMON=False nohup dask worker tcp://$SCHEDULER:8786 \
+    # not daemonic (a worker starts a grading process); quiet (README.md, "Keep Dask quiet")
+    ssh "$host" "DASK_DISTRIBUTED__WORKER__DAEMON=False \
+        DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL=1s \
+        DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL=2s \
+        DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL=1s \
+        nohup dask worker tcp://$SCHEDULER:8786 \
         --nthreads 1 --nworkers $PROCS_PER_HOST > dask-worker.log 2>&1 &"
 done
 
