@@ -237,13 +237,14 @@ def _compare_cluster(args, scratch: Course, submissions, assignments) -> None:
         f"workers' means, autograde and feedback), {record:.2f} s per task for the coordinator "
         "to record it (grades written as nbgrader's SaveAutoGrades does, late penalties, "
         "autograded folder and feedback written), "
-        f"{setup:.1f} s of set-up (cluster start, preflight of every worker, staging every "
-        "submission as any run does, course bundle, tasks submitted). Workers grade in "
-        "parallel; the coordinator records one task at a "
-        "time, so its recording cost bounds the throughput. On this machine the coordinator "
-        "shares the two cores with the two workers, and each Dask worker starts its own "
-        "warm-kernel zygote and scratch gradebook where `--workers 2` forks both workers from "
-        "one: that, and the cluster's start and preflight, is the difference.",
+        f"{setup:.1f} s of set-up (cluster start, preflight of every worker, the course bundle "
+        "with its gradebook record sent and every worker made ready while the coordinator "
+        "stages the submissions, tasks submitted). Workers grade in parallel, each from kernels "
+        "forked by its own warm zygote; the coordinator records one task at a time, so its "
+        "recording cost bounds the throughput. On this machine the coordinator, the scheduler "
+        "and the two Dask workers share the two cores that `--workers 2` gives to its two "
+        "graders alone (Dask's profiler and monitors are turned down, as the instructor docs "
+        "say): that, with the cluster's start and preflight, is the difference.",
         "",
         "Projection for 1,000 students x "
         f"{len(assignments)} notebooks ({1000 * len(assignments)} tasks), assuming each worker "
