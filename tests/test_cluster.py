@@ -5,7 +5,9 @@ stops before anything is staged; ``--workers`` needs no Dask; the example config
 from __future__ import annotations
 
 import ast
+import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
@@ -114,9 +116,10 @@ def test_a_worker_killed_mid_notebook_loses_nothing_and_grades_nobody_twice(clas
     assert rc == 0, out + err
     assert marker.exists(), "the worker grading solution-0 was not killed"
     assert "dashboard http" in out
-    workers = [line for line in out.splitlines() if line.startswith("worker ")]
-    assert workers and all("forked from its zygote" in line for line in workers), out
+    workers = re.findall(r"^worker .*: (\d+) notebook\(s\).*kernels: (\d+) forked", out, re.M)
+    assert workers, out
     if warm.supported():  # every kernel forked: a zygote that cannot serve is seconds a notebook
+        assert all(int(n) >= 1 and forked == n for n, forked in workers), out
         assert "launched normally" not in out, out
     graded = [line.split(":")[0] for line in out.splitlines() if ": graded in " in line]
     assert sorted(graded) == sorted(f"{s}/{ASSIGNMENT}" for s in STUDENTS), out
@@ -264,9 +267,13 @@ def test_a_worker_grades_against_the_coordinators_record_and_is_released(templat
             (g.name, g.max_score) for g in gb.find_notebook(ASSIGNMENT, ASSIGNMENT).grade_cells
         }
     bundle = cluster.course_bundle(course, [ASSIGNMENT])
-    assert bundle.digest == cluster.course_bundle(course, [ASSIGNMENT]).digest
-    cluster.prepare_worker(bundle, unsafe=True)
-    root = cluster._SCRATCH[bundle.digest]
+    again = cluster.course_bundle(course, [ASSIGNMENT])
+    assert bundle.digest == again.digest and bundle.key != again.key, "one run, one course"
+    report = cluster.prepare_worker(bundle, unsafe=True)
+    assert report["worker"] and report["zygote"] == "" or not warm.supported(), report
+    root = cluster._SCRATCH[bundle.key]
+    assert str(root) in sys.path and root.stat().st_mode & 0o077 == 0
+    assert root.parent.stat().st_mode & 0o077 == 0, "scratch courses live in a private folder"
     try:
         with Gradebook(f"sqlite:///{root / '.nbgrader' / 'gradebook.db'}", "") as gb:
             assert gb.students == [], "the coordinator's students travelled to the worker"
@@ -276,11 +283,83 @@ def test_a_worker_grades_against_the_coordinators_record_and_is_released(templat
         (process,) = pool._processes.values()
         assert process.is_alive(), "prepare_worker starts the grading process"
     finally:
-        cluster._release_worker(bundle.digest)
-    assert not root.exists() and bundle.digest not in cluster._SCRATCH
+        asyncio.run(cluster._release_worker(bundle.key))
+    assert not root.exists() and bundle.key not in cluster._SCRATCH
     assert not any(key.startswith(f"{root}:") for key in cluster._POOL)
+    assert str(root) not in sys.path and str(root) not in os.environ.get("PYTHONPATH", "")
     process.join(10)
     assert not process.is_alive(), "the grading process outlived the run"
+    with pytest.raises(CourseError, match="released"):  # a task that arrives too late
+        cluster.prepare_worker(bundle, unsafe=True)
+    assert not any(key.startswith(f"{root}:") for key in cluster._POOL)
+
+
+def test_a_grading_process_that_died_idle_is_restarted_for_the_next_task(template, tmp_path):
+    """A worker whose grading process died between tasks grades its next task in a new one
+    (before: every later task on that worker failed, scored 0)."""
+    course, submissions = _copy(template, tmp_path / "class")
+    sync_gradebook(course, [ASSIGNMENT])
+    bundle = cluster.course_bundle(course, [ASSIGNMENT])
+    cluster.prepare_worker(bundle, unsafe=True)
+    root = cluster._SCRATCH[bundle.key]
+    try:
+        (pool,) = [p for key, p in cluster._POOL.items() if key.startswith(f"{root}:")]
+        (process,) = pool._processes.values()
+        os.kill(process.pid, signal.SIGKILL)
+        process.join(10)
+        deadline = time.monotonic() + 10
+        while not pool._broken and time.monotonic() < deadline:  # its manager notices
+            time.sleep(0.05)
+        assert pool._broken, "the pool did not notice its process died"
+        folder = submissions / "solution-0" / ASSIGNMENT
+        files = {
+            str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+        }
+        task = cluster.Task("solution-0", ASSIGNMENT, files, False, True, None)
+        result = cluster.grade_task(bundle, task)
+        assert result.success, result.message
+        assert result.grades, "the task's grades came back"
+    finally:
+        cluster._release_now(bundle.key)
+
+
+class _Done:
+    """A stand-in for a finished (or failed) Dask future."""
+
+    def __init__(self, result=None, error: Exception | None = None) -> None:
+        self.status = "error" if error else "finished"
+        self._result, self._error = result, error
+
+    def done(self) -> bool:
+        return True
+
+    def result(self):
+        return self._result
+
+    def exception(self):
+        return self._error
+
+
+class _Client:
+    def __init__(self, addresses) -> None:
+        self.addresses = addresses
+
+    def nthreads(self) -> dict[str, int]:
+        return dict.fromkeys(self.addresses, 1)
+
+
+def test_workers_that_cannot_get_ready_are_named_and_none_ready_stops_the_run() -> None:
+    bundle = cluster.Bundle("0" * 64, (ASSIGNMENT,), b"")
+    client, lines = _Client(["tcp://a", "tcp://b"]), []
+    broken = _Done(error=ImportError("no module named torch"))
+    zygote_failed = _Done({"worker": "b", "zygote": "ImportError: transformers"})
+    prepared = cluster.Prepared(bundle, None, [broken, zygote_failed], 0.0, ["tcp://a", "tcp://b"])
+    cluster._check_ready(client, prepared, lines.append)
+    assert any("could not get ready" in line and "no module named torch" in line for line in lines)
+    assert any("worker b" in line and "launch normally" in line for line in lines), lines
+    prepared.warming = [broken, broken]
+    with pytest.raises(CourseError, match="no Dask worker could get ready.*no module named torch"):
+        cluster._check_ready(client, prepared, lines.append)
 
 
 def test_cluster_specs_are_parsed_or_refused() -> None:
@@ -377,3 +456,21 @@ def test_the_example_cluster_configs_parse() -> None:
     for path in configs:
         if path.name != "README.md":
             assert f"({path.name})" in readme, f"docs/cluster/README.md does not link {path.name}"
+
+
+def test_release_never_hides_the_runs_own_outcome() -> None:
+    """After a lost scheduler (the run's own error), ending the run says so and raises nothing."""
+
+    class Lost:
+        def cancel(self, futures):
+            raise OSError("the client is closed")
+
+        def sync(self, *args, **kwargs):
+            raise TimeoutError("no answer")
+
+        _run = None
+
+    bundle = cluster.Bundle("0" * 64, (ASSIGNMENT,), b"")
+    lines: list[str] = []
+    cluster.release(Lost(), cluster.Prepared(bundle, None, [], 0.0), lines.append)
+    assert len(lines) == 1 and "did not confirm the end of this run" in lines[0], lines

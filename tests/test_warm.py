@@ -215,17 +215,30 @@ def test_fallback_when_grader_files_change_or_the_interpreter_differs(zygote) ->
 def test_a_variable_the_zygotes_imports_set_too_is_no_mismatch(zygote, monkeypatch) -> None:
     # A grader that imported torch after starting its zygote has TORCHINDUCTOR_CACHE_DIR, which
     # the zygote's own imports set to the same value: its kernels are the same, so it forks.
-    monkeypatch.setattr(zygote, "set_by_imports", lambda: {"TORCH_SET_ON_IMPORT": "/a"})
+    real = zygote.set_by_imports()
+    monkeypatch.setattr(zygote, "set_by_imports", lambda: {**real, "TORCH_SET_ON_IMPORT": "/a"})
     assert zygote.mismatch(dict(os.environ, TORCH_SET_ON_IMPORT="/a")) == ""
     assert "TORCH_SET_ON_IMPORT" in zygote.mismatch(dict(os.environ, TORCH_SET_ON_IMPORT="/b"))
     monkeypatch.setattr(zygote, "env", dict(zygote.env, TORCH_SET_ON_IMPORT="/a"))
     assert "TORCH_SET_ON_IMPORT" in zygote.mismatch(dict(os.environ))  # the zygote started with it
 
 
-def test_the_zygote_publishes_what_its_imports_set(zygote) -> None:
+def test_the_zygote_publishes_what_its_imports_set(zygote, monkeypatch) -> None:
+    """A zygote started without TORCHINDUCTOR_CACHE_DIR (a Dask worker before it imported
+    torch) publishes the value its imports set, and forks for a grader that has that value."""
     assert (Path(zygote.folder) / warm.IMPORTS_SET).is_file()  # written before it listened
-    published = zygote.set_by_imports()
-    assert published == warm._import_env(published)
-    if "TORCHINDUCTOR_CACHE_DIR" in published:  # torch 2.13 sets it when it imports
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=published["TORCHINDUCTOR_CACHE_DIR"])
-        assert zygote.mismatch(env) == ""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    zygote.stop()
+    fresh = warm.Zygote.get()
+    try:
+        assert fresh is not None and fresh.wait_ready(), "the zygote did not restart"
+        assert "TORCHINDUCTOR_CACHE_DIR" not in fresh.env
+        published = fresh.set_by_imports()
+        if "TORCHINDUCTOR_CACHE_DIR" not in published:
+            pytest.skip("this torch sets no TORCHINDUCTOR_CACHE_DIR when it is imported")
+        value = published["TORCHINDUCTOR_CACHE_DIR"]
+        assert fresh.mismatch(dict(os.environ, TORCHINDUCTOR_CACHE_DIR=value)) == ""
+        other = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=value + "-elsewhere")
+        assert "TORCHINDUCTOR_CACHE_DIR" in fresh.mismatch(other)
+    finally:
+        fresh.stop()  # the next test's fixture starts one for its own environment

@@ -33,6 +33,7 @@ grading process is a child process): ``local:N`` sets it; elsewhere set
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import io
@@ -159,7 +160,7 @@ def fingerprint() -> dict[str, object]:
         except (ImportError, ValueError) as err:
             info["missing"] = f"{name}: {type(err).__name__}: {err}"
             return info
-        if spec is None or not spec.submodule_search_locations:
+        if spec is None or spec.origin is None or not spec.submodule_search_locations:
             info["missing"] = f"no package {name!r} can be imported"
             return info
         roots.append(_Path(next(iter(spec.submodule_search_locations))))
@@ -303,6 +304,13 @@ class Bundle:
     digest: str
     assignments: tuple[str, ...]
     data: bytes = field(repr=False)
+    run: str = field(default_factory=lambda: os.urandom(8).hex())
+
+    @property
+    def key(self) -> str:
+        """The run's name on a worker: its scratch course belongs to this run only (two
+        coordinators grading the same course on one cluster each have their own)."""
+        return f"{self.digest[:16]}-{self.run}"
 
 
 GRADEBOOK_TEMPLATE = ".nbgrader/gradebook.db"
@@ -402,64 +410,111 @@ def staged_files(course: Course, student: str, assignment: str) -> dict[str, byt
 # the worker side
 # ---------------------------------------------------------------------------------------------
 _LOCK = threading.Lock()
-_SCRATCH: dict[str, Path] = {}
+_SCRATCH: dict[str, Path] = {}  # run key -> its scratch course
+_RELEASED: set[str] = set()  # run keys released here: a late task or preparation is refused
 _POOL: dict[str, ProcessPoolExecutor] = {}
 _STARTED: set[str] = set()  # "zygote" when this module started this process's zygote
+_HOME: list[Path] = []
+
+
+def _worker_home() -> Path:
+    """This worker process's private folder (0700, kept while it lives) for its scratch
+    courses: a released course's path stays on ``sys.path`` of processes started meanwhile, and
+    nobody else can make a folder there."""
+    if not _HOME:
+        _HOME.append(Path(tempfile.mkdtemp(prefix="autograder-worker-")))
+        atexit.register(shutil.rmtree, _HOME[0], True)
+    return _HOME[0]
+
+
+def _forget_path(root: Path) -> None:
+    """Take a released scratch course off this process's ``sys.path`` and ``PYTHONPATH``."""
+    entry = str(root)
+    sys.path[:] = [p for p in sys.path if p != entry]
+    kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != entry]
+    os.environ["PYTHONPATH"] = os.pathsep.join(kept)
 
 
 def _scratch_course(bundle: Bundle) -> Path:
-    """This worker's private course for ``bundle`` (made once): its files and its gradebook,
-    the coordinator's template (:data:`GRADEBOOK_TEMPLATE`), in a fresh folder."""
+    """This worker's private course for ``bundle``'s run (made once): its files and its
+    gradebook, the coordinator's template (:data:`GRADEBOOK_TEMPLATE`), in a fresh folder."""
     from autograder.pipeline.coursedir import prepare_environment
 
     with _LOCK:
-        if bundle.digest in _SCRATCH:
-            return _SCRATCH[bundle.digest]
-        root = Path(tempfile.mkdtemp(prefix=f"autograder-worker-{bundle.digest[:8]}-"))
-        with tarfile.open(fileobj=io.BytesIO(bundle.data), mode="r:gz") as tar:
-            tar.extractall(root, filter="data")
-        course = Course.at(root)
-        if not (course.state / "gradebook.db").is_file():
-            raise CourseError("the course bundle has no gradebook template")
-        prepare_environment(course)
-        if course.config().ResilientExecute.get("warm_kernels", True):
-            from autograder.pipeline import warm
+        if bundle.key in _RELEASED:
+            raise CourseError("this grading run has ended (released); nothing more is graded")
+        if bundle.key in _SCRATCH:
+            return _SCRATCH[bundle.key]
+        root = Path(tempfile.mkdtemp(prefix=f"{bundle.digest[:8]}-", dir=_worker_home()))
+        try:
+            with tarfile.open(fileobj=io.BytesIO(bundle.data), mode="r:gz") as tar:
+                tar.extractall(root, filter="data")
+            course = Course.at(root)
+            if not (course.state / "gradebook.db").is_file():
+                raise CourseError("the course bundle has no gradebook template")
+            prepare_environment(course)
+            if course.config().ResilientExecute.get("warm_kernels", True):
+                from autograder.pipeline import warm
 
-            if warm.Zygote.get(start=False) is None:
-                _STARTED.add("zygote")  # ours to stop when the run is released
-            warm.start_early()
-        _SCRATCH[bundle.digest] = root
+                if warm.Zygote.get(start=False) is None:
+                    _STARTED.add("zygote")  # ours to stop when the run is released
+                warm.start_early()
+        except BaseException:
+            _forget_path(root)
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+        _SCRATCH[bundle.key] = root
         return root
 
 
-def prepare_worker(bundle: Bundle, unsafe: bool) -> str:
-    """Make this worker ready to grade ``bundle``'s course: its scratch course, its zygote
-    (importing in the background) and its grading process with nbgrader loaded. Run once per
+def prepare_worker(bundle: Bundle, unsafe: bool) -> dict[str, str]:
+    """Make this worker ready to grade ``bundle``'s course: its scratch course, its grading
+    process with nbgrader loaded, and its zygote with the course's imports done. Run once per
     worker while the coordinator stages the submissions; a task does the same if it comes
-    first (a worker that joined later)."""
+    first (a worker that joined later). Returns the worker's name and, if its zygote could not
+    start, why (its kernels then launch normally, seconds slower each)."""
+    from autograder.pipeline import warm
+
     root = _scratch_course(bundle)
-    _grading_process(root, unsafe).submit(os.getpid).result()  # started, initializer run
-    return _worker_name()
+    try:
+        _grading_process(root, unsafe).submit(os.getpid).result()  # started, initializer run
+    except BrokenProcessPool:  # it died getting ready: once more, from scratch
+        _grading_process(root, unsafe, fresh=True).submit(os.getpid).result()
+    report = {"worker": _worker_name(), "zygote": ""}
+    if Course.at(root).config().ResilientExecute.get("warm_kernels", True) and warm.supported():
+        zygote = warm.Zygote.get(start=False)
+        if zygote is None or not zygote.wait_ready():
+            report["zygote"] = zygote.why_not() if zygote else "it did not start"
+    return report
 
 
-def _release_worker(digest: str) -> None:
-    """Stop what :func:`prepare_worker` started for ``digest`` and delete its scratch course;
-    the zygote too, if it started it, once no course is left (``client.run``, at the end of a
-    run)."""
+def _release_now(key: str) -> None:
+    """Stop what :func:`prepare_worker` started for the run ``key`` and delete its scratch
+    course; the zygote too, if this module started it, once no course is left. Any task or
+    preparation of that run that comes later is refused."""
     from autograder.pipeline import warm
 
     with _LOCK:
-        root = _SCRATCH.pop(digest, None)
-        pools = [_POOL.pop(key) for key in list(_POOL) if root and key.startswith(f"{root}:")]
-        stop_zygote = not _SCRATCH and "zygote" in _STARTED
-        if stop_zygote:
+        _RELEASED.add(key)
+        root = _SCRATCH.pop(key, None)
+        pools = [_POOL.pop(k) for k in list(_POOL) if root and k.startswith(f"{root}:")]
+        if not _SCRATCH and "zygote" in _STARTED:
             _STARTED.discard("zygote")
+            if (zygote := warm.Zygote.get(start=False)) is not None:
+                zygote.stop()  # under the lock: no course of another run is starting it
     for pool in pools:
-        pool.shutdown(wait=True, cancel_futures=True)
-    if stop_zygote and (zygote := warm.Zygote.get(start=False)) is not None:
-        zygote.stop()
+        pool.shutdown(wait=True, cancel_futures=True)  # a notebook being graded finishes
     if root is not None:
+        _forget_path(root)
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def _release_worker(key: str) -> None:
+    """:func:`_release_now` off the worker's event loop (``client.run`` at the end of a run):
+    waiting for a notebook being graded must not stop the worker's heartbeats."""
+    import asyncio
+
+    await asyncio.to_thread(_release_now, key)
 
 
 def _init_grading_process(root: str, unsafe: bool) -> None:
@@ -492,6 +547,8 @@ def _grading_process(root: Path, unsafe: bool, fresh: bool = False) -> ProcessPo
         )
     key = f"{root}:{unsafe}"
     with _LOCK:
+        if root not in _SCRATCH.values():
+            raise CourseError("this grading run has ended (released); nothing more is graded")
         pool = _POOL.get(key)
         if pool is not None and not fresh:
             return pool
@@ -599,8 +656,10 @@ def grade_task(bundle: Bundle, task: Task) -> TaskResult:
             path.write_bytes(data)
         _set_duedate(course, task.assignment, task.duedate)
         job = Job(str(root), task.student, task.assignment, task.feedback)
-        pool = _grading_process(root, task.unsafe)
-        future = pool.submit(_run_counted, job)
+        try:
+            future = _grading_process(root, task.unsafe).submit(_run_counted, job)
+        except BrokenProcessPool:  # it died while idle: nothing of this task was graded yet
+            future = _grading_process(root, task.unsafe, fresh=True).submit(_run_counted, job)
         if _fault_worker(task):
             time.sleep(1.0)  # the notebook is being graded: die in the middle of it
             os._exit(17)
@@ -716,6 +775,21 @@ class Prepared:
     shared: object  # the bundle's Dask future, held by every worker
     warming: list  # prepare_worker futures, one per worker
     started: float
+    addresses: list = field(default_factory=list)  # the worker each of ``warming`` runs on
+    tasks: list = field(default_factory=list)  # the grade_task futures, once submitted
+
+
+PREPARE_WAIT = 300.0
+"""Seconds :func:`run_tasks` waits for the workers to get ready before it reports the ones that
+are not (they grade anyway, once ready)."""
+RELEASE_WAIT = 120.0
+"""Seconds :func:`release` waits for the workers to stop a run (a notebook being graded
+finishes first)."""
+
+
+def _workers(client) -> list[str]:
+    """Every worker's address (``scheduler_info`` lists only the first few on some versions)."""
+    return list(client.nthreads())
 
 
 def prepare(client, course: Course, assignments: Sequence[str], unsafe: bool) -> Prepared:
@@ -725,6 +799,7 @@ def prepare(client, course: Course, assignments: Sequence[str], unsafe: bool) ->
     started = time.perf_counter()
     bundle = course_bundle(course, assignments)
     shared = client.scatter(bundle, broadcast=True)
+    addresses = _workers(client)
     warming = [
         client.submit(
             prepare_worker,
@@ -735,17 +810,68 @@ def prepare(client, course: Course, assignments: Sequence[str], unsafe: bool) ->
             pure=False,
             key=f"prepare-{bundle.digest}-{os.urandom(4).hex()}",
         )  # fmt: skip
-        for address in client.scheduler_info().get("workers", {})
+        for address in addresses
     ]
-    return Prepared(bundle, shared, warming, started)
+    return Prepared(bundle, shared, warming, started, addresses=addresses)
 
 
-def release(client, prepared: Prepared) -> None:
-    """Stop the workers' grading processes (and their zygotes) and delete their scratch
-    courses: nothing of a run stays on a long-lived cluster, and a local one closes fast."""
-    client.cancel(prepared.warming)
-    with contextlib.suppress(Exception):  # a worker that is gone has nothing left to release
-        client.run(_release_worker, prepared.bundle.digest, on_error="ignore")
+def release(
+    client, prepared: Prepared, progress: Callable[[str], None] = lambda line: None
+) -> None:
+    """End the run on every worker: its tasks not yet started are cancelled, and each worker
+    stops its grading process (and the zygote it started) and deletes its scratch course, so
+    nothing of a run stays on a long-lived cluster. A task or preparation of the run that
+    reaches a worker later is refused there. Never raises: it runs after the run's own outcome,
+    which it must not hide."""
+    with contextlib.suppress(Exception):  # a closed client has nothing left to cancel
+        client.cancel([*prepared.tasks, *prepared.warming])
+    try:
+        client.sync(
+            client._run,
+            _release_worker,
+            prepared.bundle.key,
+            on_error="ignore",
+            callback_timeout=RELEASE_WAIT,
+        )
+    except Exception as err:  # noqa: BLE001 - lost scheduler, timeout: say so, go on
+        progress(
+            f"Dask: the workers did not confirm the end of this run ({type(err).__name__}: "
+            f"{err}); a worker still grading stops on its own when its notebook is done"
+        )
+
+
+def _check_ready(client, prepared: Prepared, progress: Callable[[str], None]) -> None:
+    """Wait for :func:`prepare`'s work and report each worker that is not ready, or whose
+    zygote failed; refuse to go on if no worker could get ready."""
+    deadline = time.monotonic() + PREPARE_WAIT
+    while time.monotonic() < deadline:  # a worker that left never runs its pinned preparation
+        alive = set(_workers(client))
+        pinned = zip(prepared.warming, prepared.addresses)
+        if all(future.done() or address not in alive for future, address in pinned):
+            break
+        time.sleep(0.2)
+    problems, ready = [], 0
+    for future in prepared.warming:
+        if future.status == "finished":
+            report = future.result()
+            ready += 1
+            if report.get("zygote"):
+                progress(
+                    f"worker {report['worker']}: its warm-kernel zygote failed "
+                    f"({report['zygote']}); its kernels launch normally, seconds slower each"
+                )
+        elif future.status == "error":
+            problems.append(f"{type(future.exception()).__name__}: {future.exception()}")
+        else:
+            progress("Dask: a worker is not ready (yet, or it left); it grades once ready")
+    for problem in problems:
+        progress(f"Dask: a worker could not get ready to grade: {problem}")
+    if prepared.warming and not ready and problems:
+        raise CourseError(
+            "no Dask worker could get ready to grade ("
+            + "; ".join(sorted(set(problems)))
+            + "); fix the workers' installation and run grade again"
+        )
 
 
 def _kernels_line(kernels: Counter[str]) -> str:
@@ -777,9 +903,10 @@ def run_tasks(
     from autograder.pipeline.grade import JobResult
 
     STATS.clear()
-    STATS.update(task=[], record=[], workers=len(client.scheduler_info().get("workers", {})))
+    STATS.update(task=[], record=[], workers=len(_workers(client)))
     if not jobs:
         return
+    _check_ready(client, prepared, progress)
     progress(f"Dask: {len(jobs)} notebook task(s)")
     with course.gradebook() as gb:
         duedates = {a: gb.find_assignment(a).duedate for a in {a for _, a in jobs}}
@@ -791,6 +918,7 @@ def run_tasks(
         key = f"grade-{student}-{assignment}-{os.urandom(4).hex()}"
         future = client.submit(grade_task, prepared.shared, task, pure=False, retries=1, key=key)
         futures[future] = (student, assignment)
+        prepared.tasks.append(future)
     recorder = _Recorder(course, unsafe)
     STATS["setup"] = time.perf_counter() - min(prepared.started, _CONNECTED_AT or prepared.started)
     done: Counter[str] = Counter()

@@ -453,7 +453,7 @@ def _grade(
             return _stage_and_grade(course, found, warnings, journal, workers, feedback,
                                     progress, unsafe, (client, prepared))  # fmt: skip
         finally:
-            dask_cluster.release(client, prepared)
+            dask_cluster.release(client, prepared, progress)
     return _stage_and_grade(course, found, warnings, journal, workers, feedback, progress,
                             unsafe, None)  # fmt: skip
 

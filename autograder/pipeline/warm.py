@@ -469,6 +469,7 @@ class Zygote:
                 time.sleep(0.1)
         if not self._ready:
             type(self)._failed = True
+            self._last_words = self.why_not()  # its log goes with its folder
             self.stop()
         return self._ready
 
@@ -482,6 +483,8 @@ class Zygote:
 
     def why_not(self) -> str:
         """The zygote's last words, for the log of a grader that fell back to normal kernels."""
+        if getattr(self, "_last_words", ""):
+            return self._last_words
         with contextlib.suppress(OSError):
             lines = self.log.read_text(errors="replace").strip().splitlines()
             return lines[-1] if lines else "it exited without a message"
