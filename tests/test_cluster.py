@@ -333,10 +333,10 @@ class _Done:
     def done(self) -> bool:
         return True
 
-    def result(self):
+    def result(self, timeout=None):
         return self._result
 
-    def exception(self):
+    def exception(self, timeout=None):
         return self._error
 
 
@@ -354,9 +354,15 @@ def test_workers_that_cannot_get_ready_are_named_and_none_ready_stops_the_run() 
     broken = _Done(error=ImportError("no module named torch"))
     zygote_failed = _Done({"worker": "b", "zygote": "ImportError: transformers"})
     prepared = cluster.Prepared(bundle, None, [broken, zygote_failed], 0.0, ["tcp://a", "tcp://b"])
-    cluster._check_ready(client, prepared, lines.append)
-    assert any("could not get ready" in line and "no module named torch" in line for line in lines)
+    only = cluster._check_ready(client, prepared, lines.append)
+    assert only == ["tcp://b"], "tasks go to the workers that got ready"
+    assert any(
+        line.startswith("worker tcp://a: could not get ready") and "no module named torch" in line
+        for line in lines
+    ), lines
     assert any("worker b" in line and "launch normally" in line for line in lines), lines
+    prepared.warming = [zygote_failed, zygote_failed]
+    assert cluster._check_ready(client, prepared, lines.append) is None, "any worker"
     prepared.warming = [broken, broken]
     with pytest.raises(CourseError, match="no Dask worker could get ready.*no module named torch"):
         cluster._check_ready(client, prepared, lines.append)
@@ -474,3 +480,15 @@ def test_release_never_hides_the_runs_own_outcome() -> None:
     lines: list[str] = []
     cluster.release(Lost(), cluster.Prepared(bundle, None, [], 0.0), lines.append)
     assert len(lines) == 1 and "did not confirm the end of this run" in lines[0], lines
+
+
+def test_a_zygote_that_failed_in_one_run_may_start_in_the_next(monkeypatch) -> None:
+    """A Dask worker lives on: its zygote failing (slow imports on a busy host) must not turn
+    warm kernels off for every later run on it."""
+    monkeypatch.setattr(cluster, "_SCRATCH", {})
+    monkeypatch.setattr(cluster, "_STARTED", {"zygote"})  # this run started it; it then failed
+    monkeypatch.setattr(warm.Zygote, "_failed", True)
+    monkeypatch.setattr(warm.Zygote, "_instance", None)
+    assert warm.Zygote.get(start=True) is None  # failed: not started again within the run
+    cluster._release_now("some-run")
+    assert warm.Zygote._failed is False and "zygote" not in cluster._STARTED

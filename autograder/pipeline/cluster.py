@@ -422,7 +422,8 @@ def _worker_home() -> Path:
     courses: a released course's path stays on ``sys.path`` of processes started meanwhile, and
     nobody else can make a folder there."""
     if not _HOME:
-        _HOME.append(Path(tempfile.mkdtemp(prefix="autograder-worker-")))
+        # resolved: Course.at() resolves, and the same path must leave sys.path on release
+        _HOME.append(Path(tempfile.mkdtemp(prefix="autograder-worker-")).resolve())
         atexit.register(shutil.rmtree, _HOME[0], True)
     return _HOME[0]
 
@@ -490,23 +491,31 @@ def prepare_worker(bundle: Bundle, unsafe: bool) -> dict[str, str]:
 
 def _release_now(key: str) -> None:
     """Stop what :func:`prepare_worker` started for the run ``key`` and delete its scratch
-    course; the zygote too, if this module started it, once no course is left. Any task or
-    preparation of that run that comes later is refused."""
+    course; the zygote too, if this module started it, once no course is left (a later run may
+    start one again, even if this one failed). Any task or preparation of that run that comes
+    later is refused."""
     from autograder.pipeline import warm
 
     with _LOCK:
         _RELEASED.add(key)
         root = _SCRATCH.pop(key, None)
         pools = [_POOL.pop(k) for k in list(_POOL) if root and k.startswith(f"{root}:")]
-        if not _SCRATCH and "zygote" in _STARTED:
-            _STARTED.discard("zygote")
-            if (zygote := warm.Zygote.get(start=False)) is not None:
-                zygote.stop()  # under the lock: no course of another run is starting it
-    for pool in pools:
-        pool.shutdown(wait=True, cancel_futures=True)  # a notebook being graded finishes
-    if root is not None:
-        _forget_path(root)
-        shutil.rmtree(root, ignore_errors=True)
+        if root is not None:
+            _forget_path(root)
+    try:
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)  # a notebook being graded finishes
+    finally:
+        with _LOCK:  # no course of another run is starting the zygote meanwhile
+            if not _SCRATCH and "zygote" in _STARTED:
+                _STARTED.discard("zygote")
+                zygote = warm.Zygote.get(start=False)
+                with contextlib.suppress(Exception):
+                    if zygote is not None:
+                        zygote.stop()
+                warm.Zygote.allow_retry()
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 async def _release_worker(key: str) -> None:
@@ -782,6 +791,8 @@ class Prepared:
 PREPARE_WAIT = 300.0
 """Seconds :func:`run_tasks` waits for the workers to get ready before it reports the ones that
 are not (they grade anyway, once ready)."""
+PREPARE_GRACE = 10.0
+"""Once one worker is ready, seconds the others may still take before the tasks are sent."""
 RELEASE_WAIT = 120.0
 """Seconds :func:`release` waits for the workers to stop a run (a notebook being graded
 finishes first)."""
@@ -824,7 +835,8 @@ def release(
     reaches a worker later is refused there. Never raises: it runs after the run's own outcome,
     which it must not hide."""
     with contextlib.suppress(Exception):  # a closed client has nothing left to cancel
-        client.cancel([*prepared.tasks, *prepared.warming])
+        if client.status == "running":
+            client.cancel([*prepared.tasks, *prepared.warming])
     try:
         client.sync(
             client._run,
@@ -840,38 +852,56 @@ def release(
         )
 
 
-def _check_ready(client, prepared: Prepared, progress: Callable[[str], None]) -> None:
-    """Wait for :func:`prepare`'s work and report each worker that is not ready, or whose
-    zygote failed; refuse to go on if no worker could get ready."""
-    deadline = time.monotonic() + PREPARE_WAIT
-    while time.monotonic() < deadline:  # a worker that left never runs its pinned preparation
-        alive = set(_workers(client))
-        pinned = zip(prepared.warming, prepared.addresses)
-        if all(future.done() or address not in alive for future, address in pinned):
+def _check_ready(client, prepared: Prepared, progress: Callable[[str], None]) -> list[str] | None:
+    """Wait for :func:`prepare`'s work (once one worker is ready, at most :data:`PREPARE_GRACE`
+    seconds more for the others: their tasks wait for them anyway) and report each worker that
+    is not ready, could not get ready, or whose zygote failed. Refuse to go on if no worker
+    could get ready; return the workers the tasks may go to (None: any)."""
+    pinned = list(zip(prepared.warming, prepared.addresses, strict=True))
+    start, first_ready, told = time.monotonic(), None, False
+    while time.monotonic() - start < PREPARE_WAIT:
+        alive = set(_workers(client))  # a worker that left never runs its pinned preparation
+        waiting = [address for future, address in pinned if not future.done() and address in alive]
+        if not waiting:
             break
+        if first_ready is None and any(future.status == "finished" for future, _ in pinned):
+            first_ready = time.monotonic()
+        if first_ready is not None and time.monotonic() - first_ready > PREPARE_GRACE:
+            break
+        if not told and time.monotonic() - start > 3:
+            progress(f"Dask: waiting for {len(waiting)} worker(s) to get ready")
+            told = True
         time.sleep(0.2)
-    problems, ready = [], 0
-    for future in prepared.warming:
+    ready, failed, problems = [], [], []
+    for future, address in pinned:
         if future.status == "finished":
-            report = future.result()
-            ready += 1
+            try:
+                report = future.result(timeout=10)
+            except Exception:  # noqa: BLE001 - its worker left with its answer
+                continue
+            ready.append(address)
             if report.get("zygote"):
                 progress(
                     f"worker {report['worker']}: its warm-kernel zygote failed "
                     f"({report['zygote']}); its kernels launch normally, seconds slower each"
                 )
         elif future.status == "error":
-            problems.append(f"{type(future.exception()).__name__}: {future.exception()}")
+            err = future.exception(timeout=10)
+            failed.append(address)
+            problems.append(f"{type(err).__name__}: {err}")
+            progress(
+                f"worker {address}: could not get ready to grade ({problems[-1]}); no task "
+                "goes to it"
+            )
         else:
-            progress("Dask: a worker is not ready (yet, or it left); it grades once ready")
-    for problem in problems:
-        progress(f"Dask: a worker could not get ready to grade: {problem}")
-    if prepared.warming and not ready and problems:
+            progress(f"worker {address}: not ready yet (or it left); it grades once ready")
+    if failed and len(failed) == len(pinned):
         raise CourseError(
             "no Dask worker could get ready to grade ("
             + "; ".join(sorted(set(problems)))
             + "); fix the workers' installation and run grade again"
         )
+    return [address for _, address in pinned if address not in failed] if failed else None
 
 
 def _kernels_line(kernels: Counter[str]) -> str:
@@ -906,7 +936,7 @@ def run_tasks(
     STATS.update(task=[], record=[], workers=len(_workers(client)))
     if not jobs:
         return
-    _check_ready(client, prepared, progress)
+    only = _check_ready(client, prepared, progress)
     progress(f"Dask: {len(jobs)} notebook task(s)")
     with course.gradebook() as gb:
         duedates = {a: gb.find_assignment(a).duedate for a in {a for _, a in jobs}}
@@ -916,7 +946,10 @@ def run_tasks(
         due = duedates[assignment]
         task = Task(student, assignment, files, feedback, unsafe, due.isoformat() if due else None)
         key = f"grade-{student}-{assignment}-{os.urandom(4).hex()}"
-        future = client.submit(grade_task, prepared.shared, task, pure=False, retries=1, key=key)
+        future = client.submit(
+            grade_task, prepared.shared, task, pure=False, retries=1, key=key,
+            workers=only, allow_other_workers=only is not None,  # any, if those all leave
+        )  # fmt: skip
         futures[future] = (student, assignment)
         prepared.tasks.append(future)
     recorder = _Recorder(course, unsafe)

@@ -452,6 +452,13 @@ class Zygote:
                     cls._failed = True
             return cls._instance
 
+    @classmethod
+    def allow_retry(cls) -> None:
+        """Let a later :meth:`get` start a zygote again after one failed (a Dask worker lives
+        on after a run whose zygote failed, e.g. slow to import on a busy host)."""
+        with cls._lock:
+            cls._failed = False
+
     def wait_ready(self, timeout: float = 180) -> bool:
         """Block until the zygote has preloaded and listens; False if it failed."""
         deadline = time.monotonic() + timeout
