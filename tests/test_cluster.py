@@ -492,20 +492,3 @@ def test_a_zygote_that_failed_in_one_run_may_start_in_the_next(monkeypatch) -> N
     assert warm.Zygote.get(start=True) is None  # failed: not started again within the run
     cluster._release_now("some-run")
     assert warm.Zygote._failed is False and "zygote" not in cluster._STARTED
-
-
-def test_a_worker_forked_from_a_process_with_a_zygote_starts_its_own(monkeypatch) -> None:
-    """``local:N`` forks its workers from the coordinator: a zygote it had is not theirs."""
-
-    class Inherited:
-        owner = os.getpid() + 1  # the parent's
-
-    monkeypatch.setattr(warm.Zygote, "_instance", Inherited())
-    monkeypatch.setattr(warm.Zygote, "_failed", True)
-    warm.Zygote.forget_inherited()
-    assert warm.Zygote._instance is None and warm.Zygote._failed is False
-    mine = Inherited()
-    mine.owner = os.getpid()
-    monkeypatch.setattr(warm.Zygote, "_instance", mine)
-    warm.Zygote.forget_inherited()
-    assert warm.Zygote._instance is mine, "its own zygote is kept"

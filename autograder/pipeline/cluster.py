@@ -88,14 +88,6 @@ QUIET = {
 profiler (every 10 ms), event-loop tick (20 ms) and monitors (100-500 ms) only take CPU from the
 kernels: about 0.06 s per second per worker on this 2-core machine, 0.008 s with these."""
 
-LOCAL = {
-    "distributed.worker.multiprocessing-method": "fork" if sys.platform == "linux" else "spawn"
-}
-"""``--cluster local:N`` only: its workers are forked from this process, which has imported
-Dask, nbgrader and the grading code already, instead of importing them again each (2-3 s of CPU
-per worker on the 2-core machine, while the coordinator stages the submissions); as
-``--workers`` forks its graders."""
-
 INSTALL_HINT = 'pip install "soft-prompts-course[cluster]" (or: pip install "dask[distributed]")'
 FAULT_ENV = "AUTOGRADER_FAULT"
 """Fault injection for the recovery tests (never set it when grading for real):
@@ -263,7 +255,7 @@ def connect(spec: str, progress: Callable[[str], None] = lambda line: None) -> I
     if kind == "local":
         # Kept for this process, not a with-block: the nanny restarts a dead worker later, and
         # that worker must be allowed to start its grading process too.
-        dask.config.set({"distributed.worker.daemon": False, **QUIET, **LOCAL})
+        dask.config.set({"distributed.worker.daemon": False, **QUIET})
         cluster = distributed.LocalCluster(
             n_workers=int(value),
             threads_per_worker=1,
@@ -465,7 +457,6 @@ def _scratch_course(bundle: Bundle) -> Path:
             if course.config().ResilientExecute.get("warm_kernels", True):
                 from autograder.pipeline import warm
 
-                warm.Zygote.forget_inherited()
                 if warm.Zygote.get(start=False) is None:
                     _STARTED.add("zygote")  # ours to stop when the run is released
                 warm.start_early()

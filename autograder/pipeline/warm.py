@@ -453,15 +453,6 @@ class Zygote:
             return cls._instance
 
     @classmethod
-    def forget_inherited(cls) -> None:
-        """Drop a zygote this process inherited by a fork but does not own (a ``--cluster
-        local:N`` worker forked from a process that had one): its environment is not this
-        process's, and this process starts its own."""
-        with cls._lock:
-            if cls._instance is not None and cls._instance.owner != os.getpid():
-                cls._instance, cls._failed = None, False
-
-    @classmethod
     def allow_retry(cls) -> None:
         """Let a later :meth:`get` start a zygote again after one failed (a Dask worker lives
         on after a run whose zygote failed, e.g. slow to import on a busy host)."""
