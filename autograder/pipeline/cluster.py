@@ -516,6 +516,9 @@ def _release_now(key: str) -> None:
                 warm.Zygote.allow_retry()
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
+        with _LOCK:  # no course left: the private folder goes too (a local worker is killed
+            if not _SCRATCH and _HOME:  # by its cluster, so its atexit never runs)
+                shutil.rmtree(_HOME.pop(), ignore_errors=True)
 
 
 async def _release_worker(key: str) -> None:
